@@ -1,0 +1,40 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test lint install data clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is pinned to the CPU wheel before anything else, so no CUDA build is ever pulled in.
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's package (the only source reachable here).
+data:
+	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+	    $$SUDO sh -c 'apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null'; }
+
+demo: install data
+	$(BIN)/python -m vitkit.demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install data
+	$(BIN)/ruff check .
+	$(BIN)/pytest -n 2
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,21 @@
+"""vitkit: the Vision Transformer of "An image is worth 16x16 words", correct, fast, easy."""
+
+from vitkit.config import PRESETS, ViTConfig
+from vitkit.infer import probabilities, top_k
+from vitkit.model import ViT
+from vitkit.model.factory import create_model
+from vitkit.weights import CheckpointError, load_model, save_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ViT",
+    "ViTConfig",
+    "create_model",
+    "load_model",
+    "probabilities",
+    "save_model",
+    "top_k",
+]

@@ -1,0 +1,148 @@
+"""The `vitkit` command line: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vitkit.config import PRESETS, ViTConfig
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from vitkit.model import ViT, count_params, flops
+
+    print(
+        f"{'preset':<10} {'image':>5} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} "
+        f"{'params':>13} {'GFLOPs':>8}"
+    )
+    for name, cfg in PRESETS.items():
+        if args.num_classes is not None:
+            cfg = cfg.replace(num_classes=args.num_classes)
+        params = count_params(ViT(cfg)) if args.exact else _param_formula(cfg)
+        print(
+            f"{name:<10} {cfg.image_size:>5} {cfg.patch_size:>5} {cfg.width:>5} "
+            f"{cfg.depth:>5} {cfg.heads:>5} {params:>13,} {flops(cfg) / 1e9:>8.2f}"
+        )
+    print("GFLOPs: one forward pass of one image, a multiply-add counted as 2.")
+    return 0
+
+
+def _param_formula(c: ViTConfig) -> int:
+    """Parameter count without building the model (H/14 would take seconds)."""
+    d, m = c.width, c.mlp_dim
+    patch = c.in_channels * c.patch_size**2 * d + d
+    tokens = int(c.class_token) * d + c.num_registers * d + c.num_pos_embeds * d
+    qkv_bias = 3 * d if c.qkv_bias else 0
+    block = 2 * 2 * d + (3 * d * d + qkv_bias) + (d * d + d) + (d * m + m) + (m * d + d)
+    head = (d * c.num_classes + c.num_classes) if c.num_classes else 0
+    return patch + tokens + c.depth * block + 2 * d + head
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    for flag in ("num_classes", "image_size", "patch_size", "in_channels", "drop_path"):
+        if getattr(args, flag) is not None:
+            out[flag] = getattr(args, flag)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from vitkit.model.factory import create_model
+    from vitkit.weights import save_model
+
+    model = create_model(args.preset, seed=args.seed, **_overrides(args))
+    save_model(model, args.out_dir)
+    print(
+        f"created {args.preset} ({sum(p.numel() for p in model.parameters()):,} parameters) "
+        f"in {args.out_dir}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vitkit.model import count_params, flops
+    from vitkit.weights import load_model
+    from vitkit.weights.format import resolve_model_dir
+
+    directory = resolve_model_dir(args.model)
+    model = load_model(directory)
+    cfg = model.config
+    info = {
+        "directory": str(directory),
+        "parameters": count_params(model),
+        "gflops": round(flops(cfg) / 1e9, 3),
+        "config": cfg.to_dict(),
+        "labels": model.labels,
+        "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"{directory}: ViT {cfg.width}w x {cfg.depth} blocks x {cfg.heads} heads, "
+        f"patch {cfg.patch_size}, {cfg.image_size}px, {cfg.in_channels} channel(s)"
+    )
+    print(f"  parameters {info['parameters']:,}   GFLOPs {info['gflops']}")
+    print(
+        f"  classes {cfg.num_classes}: {', '.join(model.labels) if model.labels else '(unnamed)'}"
+    )
+    print(f"  pool {cfg.pool}, registers {cfg.num_registers}, mean {cfg.mean}, std {cfg.std}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list presets with parameter counts and GFLOPs")
+    p.add_argument("--num-classes", type=int, help="head size to count with (default: preset's)")
+    p.add_argument("--exact", action="store_true", help="count by building each model")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("create", help="build a model from a preset and save it")
+    p.add_argument("preset", choices=list(PRESETS), metavar="PRESET")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--in-channels", type=int)
+    p.add_argument("--drop-path", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ViTConfig field")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("info", help="describe a model directory")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vitkit.weights import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""ViT configuration: one dataclass, named presets, strict JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that fixes a ViT's architecture, plus the preprocessing its weights expect."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    ln_eps: float = 1e-6
+    pool: Literal["cls", "mean"] = "cls"
+    class_token: bool = True
+    num_registers: int = 0
+    # The paper gives [CLS] a position embedding of its own; register models (timm's *_reg*)
+    # add position embeddings to patch tokens only.
+    cls_pos_embed: bool = True
+    # Preprocessing travels with the weights, so prediction normalises as training did.
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        positive = ("image_size", "patch_size", "in_channels", "width", "depth", "heads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0 or self.num_registers < 0:
+            raise ValueError("ViTConfig.num_classes and num_registers must be >= 0")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs class_token=True; use pool='mean' without one")
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError(f"mean and std need one value per input channel ({self.in_channels})")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ViTConfig.{name} must be in [0, 1)")
+
+    # -- derived sizes ---------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_registers
+
+    @property
+    def num_pos_embeds(self) -> int:
+        return self.num_patches + int(self.class_token and self.cls_pos_embed)
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    # -- construction and serialisation -----------------------------------------
+    def replace(self, **overrides: Any) -> ViTConfig:
+        """A copy with some fields changed; grey/colour inputs get matching mean/std lengths."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown ViTConfig field(s): {', '.join(sorted(unknown))}")
+        channels = overrides.get("in_channels", self.in_channels)
+        if channels != self.in_channels:
+            overrides.setdefault("mean", _resize_stat(self.mean, channels))
+            overrides.setdefault("std", _resize_stat(self.std, channels))
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        """Strict: unknown fields and wrong types are errors, not silently dropped."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a ViT config must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ViTConfig field(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for key in ("mean", "std"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ViTConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ViTConfig:
+        return cls.from_json(Path(path).read_text())
+
+
+def _resize_stat(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    if len(set(values)) == 1:
+        return (values[0],) * channels
+    return (sum(values) / len(values),) * channels
+
+
+def _check_types(cfg: ViTConfig) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if not _is_instance(value, hint):
+            raise ValueError(
+                f"ViTConfig.{f.name} must be {_type_name(hint)}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is tuple:
+        (item, _) = typing.get_args(hint)
+        return isinstance(value, tuple) and all(_is_instance(v, item) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, h) for h in typing.get_args(hint))
+    if hint is float:  # JSON writes 1.0 as 1; accept ints for floats, never bools
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+# -- presets -----------------------------------------------------------------------
+# The paper's variants (width, depth, heads), named big_vision style: "S/16" = small, patch 16.
+_VARIANTS: dict[str, tuple[int, int, int]] = {
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+
+
+def _paper(variant: str, patch: int) -> ViTConfig:
+    width, depth, heads = _VARIANTS[variant]
+    return ViTConfig(image_size=224, patch_size=patch, width=width, depth=depth, heads=heads)
+
+
+_GREY = {"in_channels": 1, "mean": (0.5,), "std": (0.5,), "num_classes": 10}
+
+PRESETS: dict[str, ViTConfig] = {
+    "Ti/16": _paper("Ti", 16),
+    "S/16": _paper("S", 16),
+    "B/16": _paper("B", 16),
+    "B/32": _paper("B", 32),
+    "L/16": _paper("L", 16),
+    "H/14": _paper("H", 14),
+    # Small images (MNIST-like 28x28 grey, CIFAR-like 32x32 colour): small patches, narrow
+    # and shallow encoders, some regularisation by default; the suffix is the image size.
+    "Ti/7@28": ViTConfig(
+        image_size=28, patch_size=7, width=192, depth=6, heads=3, drop_path=0.05, **_GREY
+    ),
+    "Ti/4@28": ViTConfig(
+        image_size=28, patch_size=4, width=192, depth=6, heads=3, drop_path=0.05, **_GREY
+    ),
+    "Ti/4@32": ViTConfig(
+        image_size=32, patch_size=4, width=192, depth=6, heads=3, drop_path=0.1, num_classes=10
+    ),
+}
+
+
+def get_preset(name: str) -> ViTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+__all__ = ["PRESETS", "ViTConfig", "get_preset"]

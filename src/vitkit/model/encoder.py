@@ -1,0 +1,105 @@
+"""The Transformer encoder: pre-norm blocks of multi-head self-attention and an MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    The default path calls the fused `scaled_dot_product_attention` kernel, which never forms
+    the attention matrix; `need_weights=True` computes it explicitly (same maths) for
+    explanation.
+    """
+
+    def __init__(
+        self, width: int, heads: int, qkv_bias: bool, attn_dropout: float, dropout: float
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.proj = nn.Linear(width, width)
+        self.attn_dropout = attn_dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        weights = None
+        if need_weights:
+            weights = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+            p = F.dropout(weights, self.attn_dropout, self.training)
+            x = p @ v
+        else:
+            p = self.attn_dropout if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        x = x.transpose(1, 2).reshape(b, t, d)
+        return self.proj_drop(self.proj(x)), weights
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch, rescaling the survivors."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """x + Attn(LN(x)), then x + MLP(LN(x)): the pre-norm block of the paper (eq. 2-3)."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_dim: int,
+        qkv_bias: bool,
+        dropout: float,
+        attn_dropout: float,
+        drop_path: float,
+        ln_eps: float,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=ln_eps)
+        self.attn = Attention(width, heads, qkv_bias, attn_dropout, dropout)
+        self.norm2 = nn.LayerNorm(width, eps=ln_eps)
+        self.mlp = Mlp(width, mlp_dim, dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(self.norm1(x), need_weights)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, weights

@@ -1,0 +1,169 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021), top to bottom.
+
+image (B, C, H, W)
+  -> patch embedding            (B, N, D)       patch_embed.py
+  -> + position embeddings, prepend [CLS] (and registers)
+  -> depth x pre-norm block     (B, T, D)       encoder.py
+  -> final LayerNorm -> pool ([CLS] or mean) -> linear head -> logits (B, num_classes)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.config import ViTConfig
+from vitkit.model.encoder import Block
+from vitkit.model.patch_embed import PatchEmbed
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.labels: list[str] | None = None
+        c = config
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_channels, c.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.class_token else None
+        self.reg_token = (
+            nn.Parameter(torch.zeros(1, c.num_registers, c.width)) if c.num_registers else None
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_pos_embeds, c.width))
+        self.pos_drop = nn.Dropout(c.dropout)
+        # Stochastic depth grows linearly with depth, as in DeiT / timm.
+        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(c.width, c.heads, c.mlp_dim, c.qkv_bias, c.dropout, c.attn_dropout, r, c.ln_eps)
+            for r in rates
+        )
+        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.head_drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.width, c.num_classes) if c.num_classes else nn.Identity()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Truncated normal (std 0.02) for linear layers and position embeddings, LeCun normal
+        for the patch projection, near-zero tokens, and a zero head so that training starts
+        from uniform predictions."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        proj = self.patch_embed.proj
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        nn.init.trunc_normal_(proj.weight, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(proj.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # -- tokens ---------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T, D): patch tokens with position embeddings, prefix tokens first."""
+        grid = (x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size)
+        x = self.patch_embed(x)
+        pos = self.pos_embed
+        if grid != (self.config.grid_size,) * 2:  # any resolution: resample on the fly
+            pos = resample_pos_embed(pos, grid, self.num_pos_prefix)
+        x = x + pos[:, self.num_pos_prefix :]
+        prefix = []
+        if self.cls_token is not None:
+            cls = self.cls_token + pos[:, :1] if self.num_pos_prefix else self.cls_token
+            prefix.append(cls.expand(x.shape[0], -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
+        return self.pos_drop(x)
+
+    @property
+    def num_pos_prefix(self) -> int:
+        """How many prefix tokens have a position embedding (0 or 1)."""
+        return self.config.num_pos_embeds - self.config.num_patches
+
+    # -- forward --------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised tokens (B, T, D)."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, T, D) -> pooled features (B, D) if `pre_logits`, else logits."""
+        if self.config.pool == "cls":
+            x = x[:, 0]
+        else:
+            x = x[:, self.config.num_prefix_tokens :].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised images -> raw logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and every layer's attention probabilities (B, heads, T, T).
+
+        Slower than `forward` (the attention matrix is materialised); use it to explain.
+        """
+        x = self.embed(x)
+        maps = []
+        for block in self.blocks:
+            x, weights = block(x, need_weights=True)
+            maps.append(weights)
+        return self.forward_head(self.norm(x)), maps
+
+    # -- resolution -----------------------------------------------------------------
+    @torch.no_grad()
+    def set_image_size(self, image_size: int) -> None:
+        """Resample the position embeddings (bicubic) for a new native resolution."""
+        new = self.config.replace(image_size=image_size)
+        if new.grid_size != self.config.grid_size:
+            pos = resample_pos_embed(self.pos_embed.data, (new.grid_size,) * 2, self.num_pos_prefix)
+            self.pos_embed = nn.Parameter(pos)
+        self.config = new
+
+
+def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+    """Bicubically resample (1, prefix + g*g, D) position embeddings to a `grid` of patches.
+
+    Prefix ([CLS]) embeddings are kept as they are; the identity at the same grid.
+    """
+    prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
+    old = math.isqrt(patches.shape[1])
+    if (old, old) == tuple(grid):
+        return pos
+    d = patches.shape[-1]
+    patches = patches.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d).to(pos.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops(config: ViTConfig, image_size: int | None = None) -> int:
+    """Forward FLOPs for one image (a multiply-add counts as 2), matmuls and convolutions only."""
+    size = image_size or config.image_size
+    n = (size // config.patch_size) ** 2
+    t = n + config.num_prefix_tokens
+    d, m = config.width, config.mlp_dim
+    patch = n * d * config.in_channels * config.patch_size**2
+    per_block = t * (3 * d * d + d * d + 2 * d * m) + 2 * t * t * d  # projections + QK^T, AV
+    head = d * config.num_classes
+    return 2 * (patch + config.depth * per_block + head)
