@@ -1,7 +1,7 @@
 """vitkit: the Vision Transformer of "An image is worth 16x16 words", correct, fast, easy."""
 
 from vitkit.config import PRESETS, ViTConfig
-from vitkit.infer import probabilities, top_k
+from vitkit.infer import Classifier, Prediction, evaluate, probabilities, top_k
 from vitkit.model import ViT
 from vitkit.model.factory import create_model
 from vitkit.weights import CheckpointError, load_model, save_model
@@ -11,9 +11,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "CheckpointError",
+    "Classifier",
+    "Prediction",
     "ViT",
     "ViTConfig",
     "create_model",
+    "evaluate",
     "load_model",
     "probabilities",
     "save_model",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+_CREATE_FLAGS = ("num_classes", "image_size", "patch_size", "in_channels", "drop_path")
+
+
 def _param_formula(c: ViTConfig) -> int:
     """Parameter count without building the model (H/14 would take seconds)."""
     d, m = c.width, c.mlp_dim
@@ -43,9 +47,10 @@ def _param_formula(c: ViTConfig) -> int:
     return patch + tokens + c.depth * block + 2 * d + head
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def _overrides(args: argparse.Namespace, flags: Sequence[str] = _CREATE_FLAGS) -> dict:
+    """ViTConfig fields from dedicated flags and from repeated `--set KEY=VALUE`."""
     out = {}
-    for flag in ("num_classes", "image_size", "patch_size", "in_channels", "drop_path"):
+    for flag in flags:
         if getattr(args, flag) is not None:
             out[flag] = getattr(args, flag)
     for item in args.set or []:
@@ -105,6 +110,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitkit.train import TrainConfig, load_recipe, train
+
+    if args.resume:
+        result = train(
+            TrainConfig(max_steps=args.max_steps), args.resume, resume=True, progress=not args.quiet
+        )
+    else:
+        settings = load_recipe(args.recipe).config.to_dict() if args.recipe else {}
+        for flag in (
+            "data",
+            "data_dir",
+            "model",
+            "epochs",
+            "batch_size",
+            "lr",
+            "max_steps",
+            "seed",
+            "precision",
+            "ema_decay",
+            "weight_decay",
+            "warmup_epochs",
+        ):
+            if getattr(args, flag) is not None:
+                settings[flag] = getattr(args, flag)
+        overrides = _overrides(args, flags=())
+        settings["model_overrides"] = settings.get("model_overrides", {}) | overrides
+        cfg = TrainConfig.from_dict(settings)
+        out = args.out or Path("runs") / f"{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = train(cfg, out, progress=not args.quiet)
+    acc = f"{result.val_acc:.4f}" if result.val_acc is not None else "n/a"
+    print(
+        f"{result.run_dir}: step {result.step}/{result.total_steps}, held-out accuracy {acc}, "
+        f"{result.seconds / 60:.1f} min"
+    )
+    return 130 if result.interrupted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +168,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ViTConfig field")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("train", help="train a ViT from scratch")
+    p.add_argument("--recipe", type=Path, help="a TOML recipe (see recipes/); flags override it")
+    p.add_argument("--data", help="fashion-mnist, mnist, digits, or an image folder")
+    p.add_argument("--data-dir", help="where the dataset's files are (default: searched)")
+    p.add_argument(
+        "--model",
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help="default: a preset suited to the image size",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of weights (e.g. 0.999)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a ViTConfig override")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    from vitkit.infer.commands import add_eval_command, add_predict_command
+
+    add_eval_command(sub)
+    add_predict_command(sub)
 
     p = sub.add_parser("info", help="describe a model directory")
     p.add_argument("model", metavar="MODEL_DIR")

@@ -1,28 +1,65 @@
-"""`make demo`: build a small ViT, save it, load it back and classify a generated image."""
+"""`make demo`: train a small ViT on Fashion-MNIST, evaluate it, classify sample images.
+
+Each step is the `vitkit` command a user would type, printed before it runs.
+"""
 
 from __future__ import annotations
 
-import tempfile
+import shlex
+import sys
 from pathlib import Path
 
-import torch
+from PIL import Image
 
-import vitkit
+from vitkit.cli import main as vitkit
+
+RUN_DIR = Path("runs/demo")
+
+
+def run(*argv: str) -> int:
+    print(f"\n$ vitkit {shlex.join(argv)}", flush=True)
+    return vitkit(list(argv))
+
+
+def write_samples(out: Path, per_class: int = 1) -> list[Path]:
+    """A few Fashion-MNIST test images as PNG files, named after their true class."""
+    from vitkit.data import load_dataset
+
+    test = load_dataset("fashion-mnist", "test")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c, name in enumerate(test.classes):
+        for k in (test.labels == c).nonzero().flatten()[:per_class].tolist():
+            path = out / f"{name.replace('/', '-').replace(' ', '-').lower()}-{k}.png"
+            Image.fromarray(test.images[k, 0].numpy(), mode="L").save(path)
+            paths.append(path)
+    return paths
 
 
 def main() -> int:
-    model = vitkit.create_model("Ti/4@28", seed=0)
-    torch.nn.init.normal_(model.head.weight, std=0.02)  # untrained: any non-uniform head
-    with tempfile.TemporaryDirectory() as tmp:
-        path = vitkit.save_model(model, Path(tmp) / "model", labels=[f"c{i}" for i in range(10)])
-        model = vitkit.load_model(path)
-    image = torch.linspace(-1, 1, 28 * 28).reshape(1, 1, 28, 28)  # a generated gradient image
-    with torch.no_grad():
-        logits = model(image)
-    for label, p in vitkit.top_k(logits, k=3, labels=model.labels)[0]:
-        print(f"{label:>6}  {p:.3f}")
-    return 0
+    steps = [
+        (
+            "train",
+            "--data",
+            "fashion-mnist",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "150",
+            "--out",
+            str(RUN_DIR),
+        ),
+        ("eval", str(RUN_DIR), "--data", "fashion-mnist"),
+    ]
+    for argv in steps:
+        if run(*argv) != 0:
+            return 1
+    samples = write_samples(RUN_DIR / "samples")
+    print(f"\nwrote {len(samples)} sample images to {RUN_DIR / 'samples'}")
+    rc = run("predict", "fashion-mnist", str(RUN_DIR / "samples"), "--top-k", "2")
+    rc |= run("predict", str(RUN_DIR), str(RUN_DIR / "samples"), "--top-k", "2")
+    return rc
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

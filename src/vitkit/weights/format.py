@@ -26,6 +26,10 @@ LABELS_FILE = "labels.json"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the model it claims to be."""
 
@@ -37,6 +41,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()

@@ -1,0 +1,128 @@
+"""The `vitkit eval` and `vitkit predict` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from vitkit.infer.evaluate import EvalReport, evaluate, save_report
+from vitkit.infer.predict import Classifier, expand_inputs
+from vitkit.weights.format import SHIPPED_DIR, load_model, resolve_model_dir
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="accuracy, per-class accuracy and confusion matrix on a dataset"
+    )
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory or shipped model name")
+    p.add_argument("--data", required=True, metavar="SPEC", help="dataset to evaluate on")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="where datasets are kept")
+    p.add_argument("--split", default="test", help="train, test, or val (image folders)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="for eval.json and confusion.png (default: MODEL_DIR/eval, or ./eval-NAME if "
+        "the model directory is read-only or shipped)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("predict", help="classify image files")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory or shipped model name")
+    p.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them"
+    )
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vitkit.data import load_dataset
+
+    directory = resolve_model_dir(args.model)
+    model = load_model(directory).to(args.device)
+    c = model.config
+    dataset = load_dataset(
+        args.data,
+        split=args.split,
+        data_dir=args.data_dir,
+        image_size=c.image_size,
+        channels=c.in_channels,
+    )
+    if dataset.skipped:
+        path, reason = dataset.skipped[0]
+        print(
+            f"vitkit eval: skipped {len(dataset.skipped)} unreadable file(s), first {path}: "
+            f"{reason}",
+            file=sys.stderr,
+        )
+    report = evaluate(model, dataset, batch_size=args.batch_size)
+    out = save_report(report, args.out or _default_out(directory), dataset.classes)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report, f"{dataset.name or args.data} {args.split}")
+        print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+    return 0
+
+
+def _default_out(model_dir: Path) -> Path:
+    """MODEL_DIR/eval, unless that would write into the package or a read-only directory."""
+    out = model_dir / "eval"
+    shipped = model_dir.resolve().is_relative_to(SHIPPED_DIR)
+    if not shipped and os.access(out if out.exists() else model_dir, os.W_OK):
+        return out
+    return Path(f"eval-{model_dir.name}")
+
+
+def _print_report(report: EvalReport, title: str) -> None:
+    print(
+        f"{title}: {report.num_images:,} images, top-1 {report.top1:.2%}, "
+        f"top-5 {report.top5:.2%}, loss {report.loss:.4f}, "
+        f"{report.images_per_second:,.0f} images/s"
+    )
+    width = max(5, *(len(c) for c in report.per_class))
+    print(f"{'class':<{width}}  {'images':>8}  {'accuracy':>8}")
+    for (name, accuracy), row in zip(report.per_class.items(), report.confusion, strict=True):
+        shown = "-" if accuracy is None else f"{accuracy:.2%}"
+        print(f"{name:<{width}}  {sum(row):>8,}  {shown:>8}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        print(f"vitkit predict: error: no image files in {', '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    classifier = Classifier(args.model, device=args.device, batch_size=args.batch_size)
+    predictions = classifier.predict(paths, top_k=args.top_k)
+    for p in predictions:
+        if p.error is not None:
+            print(f"vitkit predict: error: {p.error}", file=sys.stderr)
+    if args.json:
+        rows = [
+            {
+                "path": p.source,
+                "predictions": [{"label": lb, "probability": pr} for lb, pr in p.labels],
+                "error": p.error,
+            }
+            for p in predictions
+        ]
+        print(json.dumps(rows, indent=2))
+    else:
+        for p in predictions:
+            if p.error is None:
+                print(f"{p.source}: " + ", ".join(f"{lb} ({pr:.1%})" for lb, pr in p.labels))
+    return 1 if any(p.error is not None for p in predictions) else 0

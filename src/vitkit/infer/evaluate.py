@@ -1,0 +1,136 @@
+"""Evaluate a model on a labelled dataset: accuracy, per-class accuracy, confusion, loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vitkit.data import ImageDataset
+from vitkit.infer.predict import preprocess
+from vitkit.model.vit import ViT
+from vitkit.weights.format import atomic_write
+
+REPORT_FILE = "eval.json"
+CONFUSION_FILE = "confusion.png"
+
+
+@dataclass
+class EvalReport:
+    """Scores of one evaluation; `top5` is top-k accuracy with k = min(5, classes).
+
+    `confusion[t][p]` counts images of true class t predicted as p; `per_class` is None for
+    a class without images.
+    """
+
+    top1: float
+    top5: float
+    per_class: dict[str, float | None]
+    confusion: list[list[int]]
+    num_images: int
+    loss: float
+    images_per_second: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def evaluate(
+    model: ViT, dataset: ImageDataset, batch_size: int = 256, progress: bool = True
+) -> EvalReport:
+    """Score `model` on every image of `dataset`, on the device the model is on.
+
+    Images are resized and their channels matched to the model's as needed. A model whose
+    labels are the dataset's classes in another order is scored by name, not by index.
+    """
+    n = model.config.num_classes
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} has no images")
+    if len(dataset.classes) != n:
+        raise ValueError(
+            f"dataset {dataset.name!r} has {len(dataset.classes)} classes, the model {n}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if dataset.labels.min() < 0 or dataset.labels.max() >= n:
+        raise ValueError(f"dataset {dataset.name!r} has labels outside 0..{n - 1}")
+    order = _class_order(model.labels, dataset.classes)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    k = min(5, n)
+    correct1 = torch.zeros((), dtype=torch.long, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    losses = []  # per-batch sums, added up in float64 at the end (no float64 on some devices)
+    confusion = torch.zeros(n * n, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with tqdm(
+            total=len(dataset),
+            desc=f"eval {dataset.name}".strip(),
+            unit="img",
+            disable=not progress,
+        ) as bar:
+            for i in range(0, len(dataset), batch_size):
+                images = dataset.images[i : i + batch_size].to(device, non_blocking=True)
+                y = dataset.labels[i : i + batch_size].to(device, non_blocking=True)
+                logits = model(preprocess(images, model.config).to(dtype)).float()
+                if order is not None:
+                    logits = logits[:, order]
+                losses.append(F.cross_entropy(logits, y, reduction="sum"))
+                topk = logits.topk(k, dim=-1).indices
+                correct1 += (topk[:, 0] == y).sum()
+                correct5 += (topk == y[:, None]).any(dim=-1).sum()
+                confusion += torch.bincount(y * n + topk[:, 0], minlength=n * n)
+                bar.update(len(y))
+        # Reading the totals waits for the device, so the clock stops after the last batch.
+        counts = confusion.view(n, n).cpu()
+        total1, total5 = correct1.item(), correct5.item()
+        total_loss = torch.stack(losses).cpu().double().sum().item()
+        elapsed = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    num = len(dataset)
+    per_class_images = counts.sum(dim=1).tolist()
+    hits = counts.diagonal().tolist()
+    return EvalReport(
+        top1=total1 / num,
+        top5=total5 / num,
+        per_class={
+            name: (hit / images if images else None)
+            for name, hit, images in zip(dataset.classes, hits, per_class_images, strict=True)
+        },
+        confusion=counts.tolist(),
+        num_images=num,
+        loss=total_loss / num,
+        images_per_second=num / elapsed,
+    )
+
+
+def _class_order(labels: list[str] | None, classes: list[str]) -> list[int] | None:
+    """Model output columns in dataset class order, where both name the same classes
+    differently ordered (a folder dataset sorts its classes; a model keeps its own order)."""
+    if labels is None or labels == classes or len(set(labels)) != len(labels):
+        return None
+    if set(labels) != set(classes):
+        return None
+    return [labels.index(name) for name in classes]
+
+
+def save_report(report: EvalReport, out_dir: str | Path, classes: list[str]) -> Path:
+    """Write `eval.json` and `confusion.png` to `out_dir`; returns `out_dir`."""
+    from vitkit.plots import plot_confusion  # matplotlib is slow to import; only needed here
+
+    out_dir = Path(out_dir)
+    atomic_write(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2) + "\n")
+    title = f"top-1 {report.top1:.2%} on {report.num_images:,} images"
+    plot_confusion(report.confusion, classes, out_dir / CONFUSION_FILE, title=title)
+    return out_dir

@@ -1,0 +1,188 @@
+"""Classify images with a trained model: files, PIL images or tensors in, top-k labels out.
+
+Inputs are batched; an unreadable file gives a `Prediction` with `error` set and never stops
+the others from being classified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitkit.config import ViTConfig
+from vitkit.data import DatasetError
+from vitkit.data.folder import load_image
+from vitkit.data.transforms import normalize, to_float
+from vitkit.infer.labels import top_k as top_k_labels
+from vitkit.model.vit import ViT
+from vitkit.weights.format import load_model
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+# ITU-R 601-2 luma, the weights Pillow uses for RGB -> "L".
+_LUMA = (0.299, 0.587, 0.114)
+
+ImageInput = str | Path | Image.Image | torch.Tensor
+
+
+@dataclass
+class Prediction:
+    """One input's top-k `(label, probability)` pairs, or the reason it has none."""
+
+    source: str
+    labels: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Paths as given, each directory replaced by the image files under it (sorted).
+
+    Hidden files and folders inside a directory are skipped; a file named explicitly is kept
+    whatever its extension, so that a missing or unreadable one is reported, not ignored.
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            out.append(path)
+            continue
+        out.extend(
+            sorted(
+                f
+                for f in path.rglob("*")
+                if f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(path).parts)
+                and f.is_file()
+            )
+        )
+    return out
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Float images (B, C, H, W) with `channels` channels: grey is repeated, colour to luma."""
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1:
+        return x.expand(-1, channels, -1, -1)
+    if channels == 1:
+        if have == 3:
+            weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            return (x * weights).sum(dim=1, keepdim=True)
+        return x.mean(dim=1, keepdim=True)
+    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+def preprocess(images: torch.Tensor, config: ViTConfig) -> torch.Tensor:
+    """Images (B, C, H, W), uint8 or float in [0, 1], as the normalised inputs `config` expects.
+
+    Channels are matched, non-square images centre-cropped, and the size changed with
+    antialiased bilinear resampling; then `(x - mean) / std` per channel.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected images (B, C, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"expected uint8 or float images, got {images.dtype}")
+    x = match_channels(to_float(images), config.in_channels)
+    h, w = x.shape[-2:]
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        x = x[..., top : top + side, left : left + side]
+    if x.shape[-1] != config.image_size:
+        size = (config.image_size, config.image_size)
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return normalize(x, config.mean, config.std)
+
+
+class Classifier:
+    """A model ready to classify: `Classifier("runs/mnist").predict(["a.png", "photos/"])`."""
+
+    def __init__(
+        self,
+        model_or_dir: ViT | str | Path,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        model = model_or_dir if isinstance(model_or_dir, ViT) else load_model(model_or_dir)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self._dtype = next(self.model.parameters()).dtype
+
+    @property
+    def config(self) -> ViTConfig:
+        return self.model.config
+
+    def predict(
+        self, images: Sequence[ImageInput] | ImageInput, top_k: int = 5
+    ) -> list[Prediction]:
+        """One `Prediction` per input, in order; a 4-D tensor counts as a batch of images.
+
+        Float tensors are read as values in [0, 1], uint8 tensors as 0-255. Files that
+        cannot be read get `error` set instead of labels.
+        """
+        items = list(_sources(images))
+        results: list[Prediction] = []
+        for start in range(0, len(items), self.batch_size):
+            results.extend(self._predict_batch(items[start : start + self.batch_size], top_k))
+        return results
+
+    def _predict_batch(self, items: list[tuple[str, ImageInput]], k: int) -> list[Prediction]:
+        results = [Prediction(source) for source, _ in items]
+        inputs, ok = [], []
+        for i, (source, item) in enumerate(items):
+            try:
+                inputs.append(self._load(item))
+            except DatasetError as e:
+                results[i].error = str(e)
+                continue
+            except OSError as e:  # a missing file or a directory, before any decoding
+                results[i].error = f"{source}: {e.strerror or e}"
+                continue
+            ok.append(i)
+        if not ok:
+            return results
+        with torch.inference_mode():
+            x = torch.cat(inputs).to(self.device, self._dtype)
+            logits = self.model(x)
+        for i, labels in zip(ok, top_k_labels(logits, k, self.model.labels), strict=True):
+            results[i].labels = labels
+        return results
+
+    def _load(self, item: ImageInput) -> torch.Tensor:
+        """One input as a normalised (1, C, H, W) model input on the model's device."""
+        c = self.config
+        if isinstance(item, torch.Tensor):
+            if item.ndim not in (2, 3):
+                raise ValueError(f"expected an image (C, H, W) or (H, W), got {tuple(item.shape)}")
+            x = item.reshape(1, -1, *item.shape[-2:])
+        else:
+            x = load_image(item, channels=c.in_channels, image_size=c.image_size)[None]
+        return preprocess(x.to(self.device), c)
+
+
+def _sources(images: Sequence[ImageInput] | ImageInput) -> Iterator[tuple[str, ImageInput]]:
+    """(name, image) for each input; names are paths, a PIL file name, or the position."""
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    elif isinstance(images, torch.Tensor):
+        images = list(images) if images.ndim == 4 else [images]
+    for i, item in enumerate(images):
+        if isinstance(item, (str, Path)):
+            yield str(item), item
+        elif isinstance(item, Image.Image):
+            yield getattr(item, "filename", "") or f"<image {i}>", item
+        elif isinstance(item, torch.Tensor):
+            yield f"<tensor {i}>", item
+        else:
+            raise TypeError(
+                f"cannot classify a {type(item).__name__}; give a path, image or tensor"
+            )

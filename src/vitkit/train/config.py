@@ -1,0 +1,88 @@
+"""Training configuration: a dataclass, loadable from a small TOML recipe file."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vitkit.data.transforms import AugmentConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_fraction: float = 0.1  # image folders without their own validation split
+    model: str | None = None  # preset; None picks one suited to the dataset's image size
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    max_steps: int | None = None  # stop early (the schedule still spans `epochs`)
+    batch_size: int = 256
+    lr: float = 1e-3
+    min_lr_factor: float = 0.01
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.0  # 0 turns the EMA of weights off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if isinstance(d.get("augment"), dict):
+            try:
+                d["augment"] = AugmentConfig(**d["augment"])
+            except TypeError as e:
+                raise ValueError(f"[augment]: {e}") from None
+        cfg = cls(**d)
+        if cfg.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        return cfg
+
+
+@dataclass
+class Recipe:
+    """A named training configuration and the result it reached (stated in the file)."""
+
+    config: TrainConfig
+    description: str = ""
+    command: str = ""
+    result: str = ""
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a TOML recipe: [recipe] (description, command, result), [train] settings,
+    [model] ViTConfig overrides, [augment] augmentation settings."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: cannot read recipe: {e}") from None
+    try:
+        meta = data.pop("recipe", {})
+        settings = data.pop("train", {})
+        settings["model_overrides"] = data.pop("model", {})
+        settings["augment"] = data.pop("augment", {})
+        if data:
+            raise ValueError(
+                f"unknown section(s) {', '.join(sorted(data))}; expected "
+                "[recipe], [train], [model], [augment]"
+            )
+        return Recipe(TrainConfig.from_dict(settings), **meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,31 @@
+"""The model that ships in the package: loadable by name, and as accurate as its report says."""
+
+import json
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.data import load_dataset
+from vitkit.weights.format import SHIPPED_DIR
+
+
+def test_shipped_model_loads_by_name():
+    model = vitkit.load_model("fashion-mnist")
+    assert model.labels[0] == "T-shirt/top" and model.labels[9] == "Ankle boot"
+    assert model.config.in_channels == 1 and model.config.image_size == 28
+    for name in ("eval.json", "metrics.jsonl", "train.json", "confusion.png", "loss.png"):
+        assert (SHIPPED_DIR / "fashion-mnist" / name).is_file(), name
+
+
+def test_shipped_model_accuracy_matches_its_report():
+    try:
+        test = load_dataset("fashion-mnist", "test")
+    except ValueError as e:
+        pytest.skip(str(e))
+    reported = json.loads((SHIPPED_DIR / "fashion-mnist" / "eval.json").read_text())["top1"]
+    sub = test.subset(torch.arange(2000))
+    report = vitkit.evaluate(vitkit.load_model("fashion-mnist"), sub, progress=False)
+    # 2,000 of the 10,000 test images: within 2 points of the full-set figure.
+    assert report.top1 == pytest.approx(reported, abs=0.02)
+    assert report.top1 > 0.85
