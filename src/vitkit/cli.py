@@ -148,6 +148,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from vitkit.weights import load_model, save_model
+    from vitkit.weights.hf import from_hf, to_hf
+    from vitkit.weights.timm import from_timm, to_timm
+
+    src = Path(args.src)
+    source = args.from_ or _guess_format(src)
+    if source == "timm":
+        model = from_timm(src, heads=args.heads)
+    elif source == "hf":
+        model = from_hf(src)
+    else:
+        model = load_model(src)
+    if args.to == "vitkit":
+        save_model(model, args.out_dir)
+    elif args.to == "hf":
+        to_hf(model, args.out_dir)
+    else:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        save_file(to_timm(model), Path(args.out_dir) / "model.safetensors")
+    c = model.config
+    print(
+        f"{src} ({source}) -> {args.out_dir} ({args.to}): width {c.width}, depth {c.depth}, "
+        f"heads {c.heads}, patch {c.patch_size}, {c.image_size}px, {c.num_classes} classes"
+    )
+    return 0
+
+
+def _guess_format(src: Path) -> str:
+    """timm for a weights file, hf for a transformers directory, vitkit for ours."""
+    if src.is_dir():
+        config = src / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
+            return "hf"
+        return "vitkit"
+    return "timm"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_command(sub)
     add_predict_command(sub)
+
+    p = sub.add_parser("convert", help="import timm / Hugging Face weights, or export them")
+    p.add_argument("src", metavar="SRC", help="timm weights file, HF directory or model dir")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        choices=["timm", "hf", "vitkit"],
+        help="format of SRC (default: guessed)",
+    )
+    p.add_argument("--to", choices=["vitkit", "hf", "timm"], default="vitkit")
+    p.add_argument("--heads", type=int, help="attention heads, for timm files of unusual width")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="describe a model directory")
     p.add_argument("model", metavar="MODEL_DIR")

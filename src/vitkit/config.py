@@ -29,6 +29,8 @@ class ViTConfig:
     drop_path: float = 0.0
     ln_eps: float = 1e-6
     pool: Literal["cls", "mean"] = "cls"
+    # timm's average-pooled models normalise after pooling ("fc_norm") instead of before.
+    fc_norm: bool = False
     class_token: bool = True
     num_registers: int = 0
     # The paper gives [CLS] a position embedding of its own; register models (timm's *_reg*)

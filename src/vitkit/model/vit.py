@@ -5,6 +5,7 @@ image (B, C, H, W)
   -> + position embeddings, prepend [CLS] (and registers)
   -> depth x pre-norm block     (B, T, D)       encoder.py
   -> final LayerNorm -> pool ([CLS] or mean) -> linear head -> logits (B, num_classes)
+     (fc_norm models: pool, then LayerNorm)
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class ViT(nn.Module):
             Block(c.width, c.heads, c.mlp_dim, c.qkv_bias, c.dropout, c.attn_dropout, r, c.ln_eps)
             for r in rates
         )
-        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.fc_norm = nn.LayerNorm(c.width, eps=c.ln_eps) if c.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.width, c.num_classes) if c.num_classes else nn.Identity()
         self.init_weights()
@@ -107,7 +109,7 @@ class ViT(nn.Module):
             x = x[:, 0]
         else:
             x = x[:, self.config.num_prefix_tokens :].mean(dim=1)
-        x = self.head_drop(x)
+        x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,8 @@ def train(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state = load_state(run_dir) if resume else None
     if state is not None:
-        cfg = TrainConfig.from_dict(state["train_config"] | _max_steps_of(cfg))
+        # The run's own settings hold, except how far to go this time.
+        cfg = TrainConfig.from_dict(state["train_config"] | {"max_steps": cfg.max_steps})
     config = ViTConfig.from_dict(state["model_config"]) if state else None
     preset_size = get_preset(cfg.model).image_size if cfg.model else None
     if preset_size is None and Path(cfg.data).is_dir():
@@ -185,20 +186,7 @@ def train(
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
                 x, targets = transform(images[idx], labels[idx], gen)
                 lr = cfg.lr * lr_factor(step, total, warmup, cfg.min_lr_factor)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast:
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    torch._foreach_lerp_(
-                        ema, [p.detach() for p in model.parameters()], 1.0 - cfg.ema_decay
-                    )
+                logits, loss = _step(model, optimizer, ema, x, targets, lr, cfg, autocast)
                 step += 1
                 hard = targets if targets.ndim == 1 else targets.argmax(-1)
                 seen += len(idx)
@@ -244,6 +232,32 @@ def train(
     return TrainResult(
         run_dir, step, total, val_acc, best, time.perf_counter() - start, interrupted
     )
+
+
+def _step(
+    model: ViT,
+    optimizer: torch.optim.Optimizer,
+    ema: list[torch.Tensor] | None,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    lr: float,
+    cfg: TrainConfig,
+    autocast: torch.autocast,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the logits and the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if ema is not None:
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - cfg.ema_decay)
+    return logits, loss
 
 
 def _end_epoch(
@@ -316,11 +330,6 @@ def _stop_on_sigint() -> Iterator[Any]:
 
 def _gen(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % 2**63)
-
-
-def _max_steps_of(cfg: TrainConfig) -> dict[str, Any]:
-    """On resume the run's own settings hold, except how far to go this time."""
-    return {"max_steps": cfg.max_steps}
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:

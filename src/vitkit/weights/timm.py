@@ -1,0 +1,116 @@
+"""timm's VisionTransformer checkpoints <-> vitkit.
+
+vitkit's module names follow timm's, so the name table is the identity; what takes work is
+reading the architecture back from the tensors alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from vitkit.config import ViTConfig
+from vitkit.model.vit import ViT
+from vitkit.weights.foreign import default_heads, grid_of, read_state_dict
+from vitkit.weights.format import CheckpointError
+
+# timm names that vitkit has too (per block, {i} is the block index). Anything else in a
+# checkpoint (layer scale, q/k norms, attention pooling...) is an architecture vitkit does
+# not build, and is refused by name.
+TIMM_NAMES = (
+    "cls_token",
+    "reg_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "blocks.{i}.norm1.weight",
+    "blocks.{i}.norm1.bias",
+    "blocks.{i}.attn.qkv.weight",
+    "blocks.{i}.attn.qkv.bias",
+    "blocks.{i}.attn.proj.weight",
+    "blocks.{i}.attn.proj.bias",
+    "blocks.{i}.norm2.weight",
+    "blocks.{i}.norm2.bias",
+    "blocks.{i}.mlp.fc1.weight",
+    "blocks.{i}.mlp.fc1.bias",
+    "blocks.{i}.mlp.fc2.weight",
+    "blocks.{i}.mlp.fc2.bias",
+    "norm.weight",
+    "norm.bias",
+    "fc_norm.weight",
+    "fc_norm.bias",
+    "head.weight",
+    "head.bias",
+)
+_PATTERN = re.compile("|".join(re.escape(n).replace(r"\{i\}", r"\d+") for n in TIMM_NAMES))
+
+
+def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -> ViTConfig:
+    """The ViTConfig that `state` (a timm ViT state dict) was made by."""
+    unknown = sorted(k for k in state if not _PATTERN.fullmatch(k))
+    if unknown:
+        raise CheckpointError(f"not a plain timm ViT: unsupported tensors {', '.join(unknown[:8])}")
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise CheckpointError("not a timm ViT: no patch_embed.proj.weight or pos_embed")
+    width, channels, patch, _ = state["patch_embed.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    class_token = "cls_token" in state
+    registers = state["reg_token"].shape[1] if "reg_token" in state else 0
+    positions = state["pos_embed"].shape[1]
+    # Position embeddings cover the patches, plus [CLS] unless the model says otherwise.
+    if class_token and grid_of(positions - 1):
+        grid, cls_pos = grid_of(positions - 1), True
+    elif grid_of(positions):
+        grid, cls_pos = grid_of(positions), False
+    else:
+        raise CheckpointError(f"pos_embed of {positions} positions is not a square grid")
+    fc_norm = "fc_norm.weight" in state
+    return ViTConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        in_channels=channels,
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        width=width,
+        depth=depth,
+        heads=heads or default_heads(width),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        pool="mean" if fc_norm or not class_token else "cls",
+        fc_norm=fc_norm,
+        class_token=class_token,
+        num_registers=registers,
+        cls_pos_embed=cls_pos,
+        mean=(0.5,) * channels,
+        std=(0.5,) * channels,
+    )
+
+
+def from_timm(
+    path_or_state: str | Path | dict[str, torch.Tensor],
+    heads: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> ViT:
+    """A vitkit model with a timm checkpoint's weights and architecture."""
+    state = path_or_state if isinstance(path_or_state, dict) else read_state_dict(path_or_state)
+    config = config_from_timm(state, heads)
+    if mean is not None and std is not None:
+        config = config.replace(mean=tuple(mean), std=tuple(std))
+    model = ViT(config)
+    _load(model, state)
+    return model.eval()
+
+
+def to_timm(model: ViT) -> dict[str, torch.Tensor]:
+    """A state dict that timm's VisionTransformer of the same shape loads as it is."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _load(model: ViT, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"timm checkpoint lacks {', '.join(missing[:8])}")
+    model.load_state_dict({k: state[k].float() for k in expected})

@@ -1,0 +1,182 @@
+"""Pretrained weights from timm and Hugging Face: same architecture read back, same logits."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from vitkit import CheckpointError, create_model, load_model
+from vitkit.cli import main
+from vitkit.weights.foreign import read_state_dict
+from vitkit.weights.hf import from_hf, to_hf
+from vitkit.weights.timm import from_timm, to_timm
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Max abs difference <= 1e-5, relative to the logits' scale when they are large."""
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours - ref).abs().max().item() <= 1e-5 * scale
+
+
+# (timm name, image size, heads to state: weights alone cannot tell 16 heads of 48 from 12 of 64)
+TIMM_MODELS = [
+    ("vit_tiny_patch16_224", 224, None),
+    ("vit_small_patch16_224", 224, None),
+    ("vit_base_patch16_224", 224, None),
+    ("vit_base_patch32_224", 224, None),
+    ("vit_tiny_patch16_384", 384, None),
+    ("vit_base_patch16_gap_224", 224, 16),  # no class token, mean pooling
+    ("vit_base_patch16_reg4_gap_256", 256, None),  # 4 registers, fc_norm after pooling
+]
+
+
+@pytest.mark.parametrize(("name", "size", "heads"), TIMM_MODELS)
+def test_timm_parity(timm, name, size, heads):
+    ref = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    torch.nn.init.normal_(ref.head.weight, std=0.05)  # timm zero-initialises some heads
+    model = from_timm(ref.state_dict(), heads=heads)
+    c = model.config
+    assert (c.image_size, c.num_classes, c.depth) == (size, 10, len(ref.blocks))
+    assert c.heads == ref.blocks[0].attn.num_heads
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert_logits_close(model(x), ref(x))
+        state = to_timm(model)
+    ref.load_state_dict(state)  # and back: timm takes vitkit's weights as they are
+
+
+def test_timm_file_formats(timm, tmp_path):
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5).eval()
+    torch.nn.init.normal_(ref.head.weight, std=0.05)
+    x = torch.randn(1, 3, 224, 224)
+    from safetensors.torch import save_file
+
+    save_file(ref.state_dict(), tmp_path / "w.safetensors")
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "w.pth")
+    with torch.no_grad():
+        for f in ("w.safetensors", "w.pth"):
+            assert_logits_close(from_timm(tmp_path / f)(x), ref(x))
+
+
+def _hf_model(tmp_path, **kw):
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = HFConfig(
+        hidden_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=64,
+        patch_size=16,
+        num_labels=4,
+        **kw,
+    )
+    ref = ViTForImageClassification(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    return ref
+
+
+def test_hugging_face_parity_and_round_trip(timm, tmp_path):
+    from transformers import ViTForImageClassification
+
+    ref = _hf_model(tmp_path)  # default layer_norm_eps 1e-12, read from config.json
+    model = from_hf(tmp_path / "hf")
+    assert model.config.ln_eps == 1e-12 and model.labels == [f"LABEL_{i}" for i in range(4)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_logits_close(model(x), ref(pixel_values=x).logits)
+    # vitkit -> Hugging Face -> vitkit
+    mine = create_model("Ti/16", image_size=64, num_classes=3, depth=2, seed=1)
+    torch.nn.init.normal_(mine.head.weight, std=0.05)
+    mine.labels = ["cat", "dog", "eel"]
+    to_hf(mine.eval(), tmp_path / "out")
+    theirs = ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    assert theirs.config.id2label[2] == "eel"
+    back = from_hf(tmp_path / "out")
+    with torch.no_grad():
+        assert_logits_close(theirs(pixel_values=x).logits, mine(x))
+    a, b = mine.state_dict(), back.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and back.labels == mine.labels
+
+
+def test_hugging_face_backbone_without_head(timm, tmp_path):
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTModel
+
+    cfg = HFConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
+    ref = ViTModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf")
+    assert model.config.num_classes == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(x), ref(pixel_values=x).last_hidden_state, atol=1e-5, rtol=0
+        )
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['VITKIT_PAYLOAD_MARK']}",))
+
+
+def test_pickle_payload_refused_and_not_run(tmp_path, monkeypatch):
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("VITKIT_PAYLOAD_MARK", str(mark))
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"weight": _Payload()}, f)
+    torch.save({"w": torch.zeros(1), "x": _Payload()}, tmp_path / "evil2.pth")
+    for p in (path, tmp_path / "evil2.pth"):
+        with pytest.raises(CheckpointError, match="refused|not a readable"):
+            read_state_dict(p)
+    assert not mark.exists()
+
+
+def test_bad_checkpoints_named(timm, tmp_path):
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, init_values=1e-5)
+    save_file(ref.state_dict(), tmp_path / "ls.safetensors")
+    with pytest.raises(CheckpointError, match="unsupported tensors .*ls1.gamma"):
+        from_timm(tmp_path / "ls.safetensors")
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    save_file(plain.state_dict(), tmp_path / "ok.safetensors")
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        from_timm(tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match="no such file"):
+        from_timm(tmp_path / "missing.safetensors")
+
+
+def test_cli_convert(timm, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3).eval()
+    save_file(ref.state_dict(), tmp_path / "t.safetensors")
+    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "m")]) == 0
+    model = load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert_logits_close(model(x), ref(x))
+    _hf_model(tmp_path)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m2")]) == 0
+    assert json.loads((tmp_path / "m2/config.json").read_text())["ln_eps"] == 1e-12
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    assert (tmp_path / "hf2/preprocessor_config.json").is_file()
+    assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "m3")]) == 2
+    assert "no such file" in capsys.readouterr().err
