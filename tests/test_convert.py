@@ -180,3 +180,59 @@ def test_cli_convert(timm, tmp_path, capsys):
     assert (tmp_path / "hf2/preprocessor_config.json").is_file()
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "m3")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _write_google_npz(ref, path, big_vision: bool) -> None:
+    """Write `ref` (a timm ViT) as a Google .npz: JAX layouts, per-head attention kernels."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    d, heads = ref.embed_dim, ref.blocks[0].attn.num_heads
+    p = "params/" if big_vision else ""
+    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+    pos = "pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"
+    w = {
+        p + "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        p + "embedding/bias": sd["patch_embed.proj.bias"],
+        p + "cls": sd["cls_token"],
+        p + pos: sd["pos_embed"],
+        p + "Transformer/encoder_norm/scale": sd["norm.weight"],
+        p + "Transformer/encoder_norm/bias": sd["norm.bias"],
+        p + "head/kernel": sd["head.weight"].T,
+        p + "head/bias": sd["head.bias"],
+    }
+    for i in range(len(ref.blocks)):
+        b, t = f"{p}Transformer/encoderblock_{i}/", f"blocks.{i}."
+        a = f"{b}MultiHeadDotProductAttention_{mha}/"
+        qkv_w = np.split(sd[t + "attn.qkv.weight"], 3)
+        qkv_b = np.split(sd[t + "attn.qkv.bias"], 3)
+        for n, wt, bias in zip(("query", "key", "value"), qkv_w, qkv_b, strict=True):
+            w[f"{a}{n}/kernel"] = wt.T.reshape(d, heads, d // heads)
+            w[f"{a}{n}/bias"] = bias.reshape(heads, d // heads)
+        w[f"{a}out/kernel"] = sd[t + "attn.proj.weight"].T.reshape(heads, d // heads, d)
+        w[f"{a}out/bias"] = sd[t + "attn.proj.bias"]
+        for ln, ours in ((0, "norm1"), (ln2, "norm2")):
+            w[f"{b}LayerNorm_{ln}/scale"] = sd[t + ours + ".weight"]
+            w[f"{b}LayerNorm_{ln}/bias"] = sd[t + ours + ".bias"]
+        for k, fc in ((0, "fc1"), (1, "fc2")):
+            w[f"{b}MlpBlock_{mlp}/Dense_{k}/kernel"] = sd[f"{t}mlp.{fc}.weight"].T
+            w[f"{b}MlpBlock_{mlp}/Dense_{k}/bias"] = sd[f"{t}mlp.{fc}.bias"]
+    np.savez(path, **w)
+
+
+@pytest.mark.parametrize("big_vision", [False, True])
+def test_google_npz_parity_with_timms_loader(timm, tmp_path, big_vision):
+    from timm.models.vision_transformer import _load_weights
+
+    src = timm.create_model("vit_small_patch16_224", pretrained=False, depth=3, num_classes=7)
+    torch.nn.init.normal_(src.head.weight, std=0.05)
+    _write_google_npz(src, tmp_path / "g.npz", big_vision)
+    ref = timm.create_model("vit_small_patch16_224", pretrained=False, depth=3, num_classes=7)
+    _load_weights(ref, str(tmp_path / "g.npz"))
+    assert main(["convert", str(tmp_path / "g.npz"), str(tmp_path / "m")]) == 0
+    model = load_model(tmp_path / "m")
+    assert (model.config.heads, model.config.depth, model.config.mean) == (6, 3, (0.5,) * 3)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert_logits_close(model(x), ref.eval()(x))
+        assert_logits_close(model(x), src.eval()(x))

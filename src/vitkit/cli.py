@@ -153,6 +153,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from vitkit.weights import load_model, save_model
     from vitkit.weights.hf import from_hf, to_hf
+    from vitkit.weights.npz import from_npz
     from vitkit.weights.timm import from_timm, to_timm
 
     src = Path(args.src)
@@ -161,6 +162,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         model = from_timm(src, heads=args.heads)
     elif source == "hf":
         model = from_hf(src)
+    elif source == "npz":
+        model = from_npz(src)
     else:
         model = load_model(src)
     if args.to == "vitkit":
@@ -179,13 +182,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _guess_format(src: Path) -> str:
-    """timm for a weights file, hf for a transformers directory, vitkit for ours."""
+    """npz for Google's files, timm for other weights files, hf for a transformers
+    directory, vitkit for ours."""
     if src.is_dir():
         config = src / "config.json"
         if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
             return "hf"
         return "vitkit"
-    return "timm"
+    return "npz" if src.suffix == ".npz" else "timm"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,13 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(sub)
     add_predict_command(sub)
 
-    p = sub.add_parser("convert", help="import timm / Hugging Face weights, or export them")
-    p.add_argument("src", metavar="SRC", help="timm weights file, HF directory or model dir")
+    p = sub.add_parser("convert", help="import timm, Hugging Face or Google weights; export")
+    p.add_argument("src", metavar="SRC", help="timm weights, Google .npz, HF dir or model dir")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     p.add_argument(
         "--from",
         dest="from_",
-        choices=["timm", "hf", "vitkit"],
+        choices=["timm", "hf", "npz", "vitkit"],
         help="format of SRC (default: guessed)",
     )
     p.add_argument("--to", choices=["vitkit", "hf", "timm"], default="vitkit")

@@ -1,0 +1,132 @@
+"""Google's `.npz` ViT checkpoints (vision_transformer a.k.a. vit_jax, and big_vision) -> vitkit.
+
+JAX stores dense kernels as (in, out), convolution kernels as HWIO and attention projections
+split per head; the table below names each tensor and how it is reshaped. Arrays are read with
+`allow_pickle=False`: an .npz cannot run code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitkit.config import ViTConfig
+from vitkit.model.vit import ViT
+from vitkit.weights.foreign import grid_of
+from vitkit.weights.format import CheckpointError
+
+# Sub-module indices inside an encoder block differ between the two codebases:
+# (attention, MLP, second LayerNorm).
+VIT_JAX_BLOCK = (1, 3, 2)
+BIG_VISION_BLOCK = (0, 0, 1)
+PREFIXES = ("", "opt/target/", "params/")
+
+
+def from_npz(path: str | Path) -> ViT:
+    """A vitkit model with the weights and architecture of a Google .npz checkpoint."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            w = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable .npz file: {e}") from None
+    prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in w), None)
+    if prefix is None:
+        raise CheckpointError(f"{path}: no embedding/kernel: not a ViT .npz checkpoint")
+    for unsupported in ("pre_logits/kernel", "MAPHead_0/probe", "conv_root/kernel"):
+        if prefix + unsupported in w:
+            raise CheckpointError(f"{path}: {unsupported.split('/')[0]} is not supported")
+    big_vision = prefix == "params/" or f"{prefix}pos_embedding" in w
+    mha, mlp, ln2 = BIG_VISION_BLOCK if big_vision else VIT_JAX_BLOCK
+    pos_key = (
+        f"{prefix}pos_embedding"
+        if big_vision
+        else (f"{prefix}Transformer/posembed_input/pos_embedding")
+    )
+
+    def get(name: str) -> np.ndarray:
+        if prefix + name not in w:
+            raise CheckpointError(f"{path}: missing {prefix + name}")
+        return w[prefix + name]
+
+    kernel = get("embedding/kernel")  # (p, p, C, D)
+    patch, _, channels, width = kernel.shape
+    blocks = sorted(
+        {
+            int(m.group(1))
+            for k in w
+            if (m := re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k))
+        }
+    )
+    attn = f"Transformer/encoderblock_0/MultiHeadDotProductAttention_{mha}"
+    heads = get(f"{attn}/query/kernel").shape[1]
+    class_token = f"{prefix}cls" in w
+    positions = get(pos_key.removeprefix(prefix)).reshape(-1, width).shape[0]
+    grid = grid_of(positions - 1) if class_token else grid_of(positions)
+    if grid is None:
+        raise CheckpointError(f"{path}: {positions} position embeddings are not a square grid")
+    head = f"{prefix}head/kernel" in w
+    config = ViTConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        in_channels=channels,
+        num_classes=w[f"{prefix}head/kernel"].shape[1] if head else 0,
+        width=width,
+        depth=len(blocks),
+        heads=heads,
+        mlp_ratio=get(f"Transformer/encoderblock_0/MlpBlock_{mlp}/Dense_0/kernel").shape[1] / width,
+        pool="cls" if class_token else "mean",
+        class_token=class_token,
+        mean=(0.5,) * channels,  # Google's checkpoints take inputs scaled to [-1, 1]
+        std=(0.5,) * channels,
+    )
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    state = {
+        "patch_embed.proj.weight": t(kernel.transpose(3, 2, 0, 1)),
+        "patch_embed.proj.bias": t(get("embedding/bias")),
+        "pos_embed": t(get(pos_key.removeprefix(prefix)).reshape(1, -1, width)),
+        "norm.weight": t(get("Transformer/encoder_norm/scale")),
+        "norm.bias": t(get("Transformer/encoder_norm/bias")),
+    }
+    if class_token:
+        state["cls_token"] = t(get("cls").reshape(1, 1, width))
+    if head:
+        state["head.weight"] = t(get("head/kernel").T)
+        state["head.bias"] = t(get("head/bias"))
+    for i in blocks:
+        b, ours = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        a = f"{b}MultiHeadDotProductAttention_{mha}/"
+        state |= {
+            ours + "norm1.weight": t(get(f"{b}LayerNorm_0/scale")),
+            ours + "norm1.bias": t(get(f"{b}LayerNorm_0/bias")),
+            # query/key/value kernels are (D, heads, head_dim): (D, D).T each, stacked.
+            ours + "attn.qkv.weight": t(
+                np.concatenate(
+                    [
+                        get(f"{a}{n}/kernel").reshape(width, width).T
+                        for n in ("query", "key", "value")
+                    ]
+                )
+            ),
+            ours + "attn.qkv.bias": t(
+                np.concatenate([get(f"{a}{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+            ),
+            # out kernel is (heads, head_dim, D).
+            ours + "attn.proj.weight": t(get(f"{a}out/kernel").reshape(width, width).T),
+            ours + "attn.proj.bias": t(get(f"{a}out/bias")),
+            ours + "norm2.weight": t(get(f"{b}LayerNorm_{ln2}/scale")),
+            ours + "norm2.bias": t(get(f"{b}LayerNorm_{ln2}/bias")),
+            ours + "mlp.fc1.weight": t(get(f"{b}MlpBlock_{mlp}/Dense_0/kernel").T),
+            ours + "mlp.fc1.bias": t(get(f"{b}MlpBlock_{mlp}/Dense_0/bias")),
+            ours + "mlp.fc2.weight": t(get(f"{b}MlpBlock_{mlp}/Dense_1/kernel").T),
+            ours + "mlp.fc2.bias": t(get(f"{b}MlpBlock_{mlp}/Dense_1/bias")),
+        }
+    model = ViT(config)
+    model.load_state_dict(state)
+    return model.eval()
