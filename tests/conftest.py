@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Parallel test workers share the cores: one torch thread pool each, sized to its share, or
+# the pools oversubscribe the CPU and every test runs many times slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 _torchvision_ops: torch.library.Library | None = None
 

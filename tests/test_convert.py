@@ -179,7 +179,7 @@ def test_cli_convert(timm, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
     assert (tmp_path / "hf2/preprocessor_config.json").is_file()
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "m3")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "not a model directory" in capsys.readouterr().err
 
 
 def _write_google_npz(ref, path, big_vision: bool) -> None:

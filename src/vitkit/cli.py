@@ -110,6 +110,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# TrainConfig fields that a flag of the same name sets.
+_TRAIN_SETTINGS = (
+    "data",
+    "data_dir",
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "max_steps",
+    "seed",
+    "precision",
+    "ema_decay",
+    "weight_decay",
+    "warmup_epochs",
+    "num_classes",
+    "layer_decay",
+)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from vitkit.train import TrainConfig, load_recipe, train
 
@@ -119,23 +138,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     else:
         settings = load_recipe(args.recipe).config.to_dict() if args.recipe else {}
-        for flag in (
-            "data",
-            "data_dir",
-            "model",
-            "epochs",
-            "batch_size",
-            "lr",
-            "max_steps",
-            "seed",
-            "precision",
-            "ema_decay",
-            "weight_decay",
-            "warmup_epochs",
-        ):
-            if getattr(args, flag) is not None:
+        if args.command == "finetune":
+            settings |= {"init": args.pretrained, "linear_probe": args.linear_probe}
+        for flag in _TRAIN_SETTINGS:
+            if getattr(args, flag, None) is not None:
                 settings[flag] = getattr(args, flag)
-        overrides = _overrides(args, flags=())
+        overrides = _overrides(args, flags=("image_size",) if args.command == "finetune" else ())
         settings["model_overrides"] = settings.get("model_overrides", {}) | overrides
         cfg = TrainConfig.from_dict(settings)
         out = args.out or Path("runs") / f"{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -151,21 +159,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from vitkit.weights import load_model, save_model
-    from vitkit.weights.hf import from_hf, to_hf
-    from vitkit.weights.npz import from_npz
-    from vitkit.weights.timm import from_timm, to_timm
+    from vitkit.weights import guess_format, load_pretrained, save_model
+    from vitkit.weights.hf import to_hf
+    from vitkit.weights.timm import to_timm
 
-    src = Path(args.src)
-    source = args.from_ or _guess_format(src)
-    if source == "timm":
-        model = from_timm(src, heads=args.heads)
-    elif source == "hf":
-        model = from_hf(src)
-    elif source == "npz":
-        model = from_npz(src)
-    else:
-        model = load_model(src)
+    source = args.from_ or guess_format(args.src)
+    model = load_pretrained(args.src, source, heads=args.heads)
     if args.to == "vitkit":
         save_model(model, args.out_dir)
     elif args.to == "hf":
@@ -175,21 +174,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
         save_file(to_timm(model), Path(args.out_dir) / "model.safetensors")
     c = model.config
     print(
-        f"{src} ({source}) -> {args.out_dir} ({args.to}): width {c.width}, depth {c.depth}, "
-        f"heads {c.heads}, patch {c.patch_size}, {c.image_size}px, {c.num_classes} classes"
+        f"{args.src} ({source}) -> {args.out_dir} ({args.to}): width {c.width}, depth "
+        f"{c.depth}, heads {c.heads}, patch {c.patch_size}, {c.image_size}px, "
+        f"{c.num_classes} classes"
     )
     return 0
 
 
-def _guess_format(src: Path) -> str:
-    """npz for Google's files, timm for other weights files, hf for a transformers
-    directory, vitkit for ours."""
-    if src.is_dir():
-        config = src / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
-            return "hf"
-        return "vitkit"
-    return "npz" if src.suffix == ".npz" else "timm"
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="fashion-mnist, mnist, digits, or an image folder")
+    p.add_argument("--data-dir", help="where the dataset's files are (default: searched)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of weights (e.g. 0.999)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a ViTConfig override")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,28 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a ViT from scratch")
     p.add_argument("--recipe", type=Path, help="a TOML recipe (see recipes/); flags override it")
-    p.add_argument("--data", help="fashion-mnist, mnist, digits, or an image folder")
-    p.add_argument("--data-dir", help="where the dataset's files are (default: searched)")
     p.add_argument(
         "--model",
         choices=list(PRESETS),
         metavar="PRESET",
         help="default: a preset suited to the image size",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--ema-decay", type=float, help="keep an EMA of weights (e.g. 0.999)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a ViTConfig override")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<time>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
+    _add_training_flags(p)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained ViT on new data")
+    p.add_argument(
+        "pretrained",
+        metavar="PRETRAINED",
+        help="model dir or name, timm weights file, Hugging Face dir or Google .npz",
+    )
+    p.add_argument("--num-classes", type=int, help="a new, zero-initialised head of this size")
+    p.add_argument("--image-size", type=int, help="fine-tune at this resolution")
+    p.add_argument("--linear-probe", action="store_true", help="train the head only")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75")
+    p.add_argument("--recipe", type=Path, help="a TOML recipe; flags override it")
+    _add_training_flags(p)
 
     from vitkit.infer.commands import add_eval_command, add_predict_command
 

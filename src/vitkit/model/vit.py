@@ -128,6 +128,15 @@ class ViT(nn.Module):
             maps.append(weights)
         return self.forward_head(self.norm(x)), maps
 
+    def reset_head(self, num_classes: int) -> None:
+        """A new, zero-initialised head for `num_classes` classes (fine-tuning)."""
+        self.config = self.config.replace(num_classes=num_classes)
+        self.head = nn.Linear(self.config.width, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.labels = None
+
     # -- resolution -----------------------------------------------------------------
     @torch.no_grad()
     def set_image_size(self, image_size: int) -> None:

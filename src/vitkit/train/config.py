@@ -31,6 +31,12 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Fine-tuning: start from these weights (a model dir or name, a timm file, a Hugging Face
+    # dir, a Google .npz); `num_classes` asks for a new head; the probe trains the head only.
+    init: str | None = None
+    num_classes: int | None = None
+    linear_probe: bool = False
+    layer_decay: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

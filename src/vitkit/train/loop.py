@@ -30,7 +30,7 @@ from vitkit.plots import plot_curves
 from vitkit.train.checkpoint import load_state, save_state
 from vitkit.train.config import TrainConfig
 from vitkit.train.optim import build_optimizer, lr_factor
-from vitkit.weights.format import atomic_write, save_model
+from vitkit.weights import atomic_write, load_pretrained, save_model
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train.json"
@@ -85,13 +85,63 @@ def use_bf16(cfg: TrainConfig, config: ViTConfig, device: torch.device) -> bool:
     return cpu_bf16 and config.width >= 192
 
 
-def load_splits(cfg: TrainConfig, image_size: int | None) -> tuple[ImageDataset, ImageDataset]:
+def load_splits(
+    cfg: TrainConfig, image_size: int | None, channels: int | None = None
+) -> tuple[ImageDataset, ImageDataset]:
     """Training data and held-out data: the dataset's test split, or a folder's validation part."""
-    kwargs = {"data_dir": cfg.data_dir, "image_size": image_size}
+    kwargs = {"data_dir": cfg.data_dir, "image_size": image_size, "channels": channels}
     if cfg.data in ("fashion-mnist", "mnist", "digits"):
         return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "test", **kwargs)
     kwargs["val_fraction"] = cfg.val_fraction
     return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
+
+
+def _setup(
+    cfg: TrainConfig,
+    state: dict[str, Any] | None,
+    datasets: tuple[ImageDataset, ImageDataset] | None,
+) -> tuple[ViT, ImageDataset, ImageDataset]:
+    """The model to train and its data: resumed from `state`, fine-tuned from `cfg.init`, or
+    new from a preset fitted to the data."""
+    pretrained = load_pretrained(cfg.init) if cfg.init and state is None else None
+    if state is not None:
+        config = ViTConfig.from_dict(state["model_config"])
+    else:
+        config = pretrained.config if pretrained is not None else None
+    size = cfg.model_overrides.get("image_size", config.image_size if config else None)
+    if state is not None:
+        size = config.image_size
+    elif size is None and cfg.model:
+        size = get_preset(cfg.model).image_size
+    elif size is None and Path(cfg.data).is_dir():
+        size = FOLDER_IMAGE_SIZE
+    channels = config.in_channels if config else None
+    train_ds, val_ds = datasets or load_splits(cfg, size, channels)
+    if pretrained is not None:
+        model = _fit_pretrained(pretrained, cfg, train_ds)
+    else:
+        model = create_model(config or model_config(cfg, train_ds), seed=cfg.seed)
+    model.labels = train_ds.classes
+    if cfg.linear_probe:  # train the head only
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return model, train_ds, val_ds
+
+
+def _fit_pretrained(model: ViT, cfg: TrainConfig, train: ImageDataset) -> ViT:
+    """A pretrained model with a head for the data's classes, at the data's resolution."""
+    n = len(train.classes)
+    if cfg.num_classes is not None:
+        if cfg.num_classes != n:
+            raise ValueError(f"--num-classes {cfg.num_classes}, but the data has {n} classes")
+        model.reset_head(n)
+    elif model.config.num_classes != n:
+        raise ValueError(
+            f"the pretrained head has {model.config.num_classes} classes and the "
+            f"data {n}: pass --num-classes {n} for a new head"
+        )
+    model.set_image_size(train.image_size)  # position embeddings resampled if it differs
+    return model
 
 
 # -- the loop --------------------------------------------------------------------------
@@ -113,16 +163,10 @@ def train(
     if state is not None:
         # The run's own settings hold, except how far to go this time.
         cfg = TrainConfig.from_dict(state["train_config"] | {"max_steps": cfg.max_steps})
-    config = ViTConfig.from_dict(state["model_config"]) if state else None
-    preset_size = get_preset(cfg.model).image_size if cfg.model else None
-    if preset_size is None and Path(cfg.data).is_dir():
-        preset_size = FOLDER_IMAGE_SIZE
-    image_size = config.image_size if config else cfg.model_overrides.get("image_size", preset_size)
-    train_ds, val_ds = datasets or load_splits(cfg, image_size)
-    config = config or model_config(cfg, train_ds)
-    model = create_model(config, seed=cfg.seed).to(dev)
-    model.labels = train_ds.classes
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    model, train_ds, val_ds = _setup(cfg, state, datasets)
+    model.to(dev)
+    config = model.config
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     ema = [p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None
 
     steps_per_epoch = len(train_ds) // cfg.batch_size
@@ -246,7 +290,7 @@ def _step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns the logits and the loss."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
     with autocast:
         logits = model(x)
     loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)

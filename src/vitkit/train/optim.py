@@ -11,26 +11,46 @@ from torch import nn
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices and kernels; spare norms, biases, position embeddings, tokens."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None = None
+) -> list[dict]:
+    """Decay weight matrices and kernels; spare norms, biases, position embeddings, tokens.
+
+    With `layer_decay` (fine-tuning), each group's `lr_scale` shrinks geometrically from the
+    head down to the embeddings: layer l of L+1 learns at layer_decay ** (L + 1 - l).
+    """
+    depth = len(model.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.split(".")[-1] in _NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decays = p.ndim > 1 and name.split(".")[-1] not in _NO_DECAY_NAMES
+        layer = _layer_id(name, depth) if layer_decay else 0
+        group = groups.setdefault(
+            (layer, not decays),
+            {
+                "params": [],
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr_scale": layer_decay ** (depth + 1 - layer) if layer_decay else 1.0,
+            },
+        )
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and head."""
+    if name.startswith(("patch_embed.", "cls_token", "reg_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float | None = None
 ) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_factor: float = 0.0) -> float:

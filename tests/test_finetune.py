@@ -1,0 +1,86 @@
+"""Fine-tuning a pretrained ViT: new head, new resolution, probe, layer decay, clear errors."""
+
+import pytest
+import torch
+
+from vitkit import create_model, load_model
+from vitkit.cli import main
+from vitkit.train import TrainConfig, train
+from vitkit.train.optim import param_groups
+
+
+def _digits(**kw) -> TrainConfig:
+    settings = {
+        "data": "digits",
+        "epochs": 3,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "warmup_epochs": 0.3,
+        "precision": "fp32",
+        "label_smoothing": 0.0,
+        "model_overrides": {"image_size": 35},  # 5x5 patches of 7: position embeddings resampled
+    }
+    return TrainConfig.from_dict(settings | kw)
+
+
+def test_finetuning_the_shipped_model_beats_scratch_on_digits(tmp_path):
+    tuned = train(_digits(init="fashion-mnist", num_classes=10), tmp_path / "ft", progress=False)
+    shipped = load_model("fashion-mnist").config
+    arch = {k: getattr(shipped, k) for k in ("patch_size", "width", "depth", "heads")}
+    scratch = train(
+        _digits(model="Ti/7@28", model_overrides={"image_size": 35, **arch}),
+        tmp_path / "scratch",
+        progress=False,
+    )
+    assert tuned.step == scratch.step
+    assert tuned.val_acc > scratch.val_acc + 0.05, (tuned.val_acc, scratch.val_acc)
+    model = load_model(tmp_path / "ft")
+    assert model.config.image_size == 35 and model.pos_embed.shape[1] == 1 + 25
+    assert model.labels == [str(i) for i in range(10)]
+
+
+def test_linear_probe_trains_the_head_only(tmp_path):
+    train(
+        _digits(init="fashion-mnist", num_classes=10, linear_probe=True, epochs=1),
+        tmp_path / "probe",
+        progress=False,
+    )
+    before, after = load_model("fashion-mnist"), load_model(tmp_path / "probe")
+    before.set_image_size(35)  # the same resampling of the position embeddings
+    a, b = before.state_dict(), after.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
+    assert not torch.equal(a["head.weight"], b["head.weight"])
+
+
+def test_head_size_mismatch_needs_num_classes(tmp_path, capsys):
+    model = create_model("Ti/7@28", num_classes=4, width=64, heads=2, depth=1)
+    from vitkit import save_model
+
+    save_model(model, tmp_path / "four")
+    with pytest.raises(ValueError, match="pretrained head has 4 classes and the data 10"):
+        train(_digits(init=str(tmp_path / "four")), tmp_path / "r", progress=False)
+    args = [
+        "finetune",
+        str(tmp_path / "four"),
+        "--data",
+        "digits",
+        "--image-size",
+        "30",
+        "--num-classes",
+        "10",
+        "--quiet",
+        "--out",
+        str(tmp_path / "r2"),
+    ]
+    assert main(args) == 2
+    assert "not a multiple of patch_size" in capsys.readouterr().err
+
+
+def test_layer_decay_scales_lower_layers_less():
+    model = create_model("Ti/7@28", depth=2)
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["head.weight"] == 1.0 and scale["norm.weight"] == 1.0
+    assert scale["blocks.1.attn.qkv.weight"] == 0.5 and scale["blocks.0.mlp.fc1.bias"] == 0.25
+    assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.125
