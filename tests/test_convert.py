@@ -236,3 +236,14 @@ def test_google_npz_parity_with_timms_loader(timm, tmp_path, big_vision):
     with torch.no_grad():
         assert_logits_close(model(x), ref.eval()(x))
         assert_logits_close(model(x), src.eval()(x))
+
+
+def test_hub_names_offline_give_the_local_alternative(monkeypatch):
+    from vitkit.weights import load_pretrained
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-vitkit-cache")
+    with pytest.raises(CheckpointError, match="cannot download.*local Hugging Face directory"):
+        load_pretrained("hf:google/vit-base-patch16-224")
+    with pytest.raises(CheckpointError, match="cannot download.*local timm weights file"):
+        load_pretrained("timm:vit_small_patch16_224.augreg_in21k_ft_in1k")

@@ -25,11 +25,17 @@ def guess_format(src: str | Path) -> str:
 
 
 def load_pretrained(src: str | Path, fmt: str | None = None, heads: int | None = None) -> ViT:
-    """A model from any checkpoint vitkit reads, its format guessed unless given."""
+    """A model from any checkpoint vitkit reads, its format guessed unless given.
+
+    `hf:<repo>` and `timm:<repo>` name Hugging Face Hub repositories, downloaded (and cached)
+    with `huggingface_hub` when the network allows.
+    """
     from vitkit.weights.hf import from_hf
     from vitkit.weights.npz import from_npz
     from vitkit.weights.timm import from_timm
 
+    if str(src).startswith(("hf:", "timm:")):
+        fmt, src = download(str(src))
     fmt = fmt or guess_format(src)
     if fmt == "timm":
         return from_timm(src, heads=heads)
@@ -40,10 +46,39 @@ def load_pretrained(src: str | Path, fmt: str | None = None, heads: int | None =
     return load_model(src)
 
 
+def download(name: str) -> tuple[str, Path]:
+    """(format, local path) for `hf:<repo>` (a transformers directory) or `timm:<repo>`."""
+    fmt, _, repo = name.partition(":")
+    local = {
+        "hf": "a local Hugging Face directory (config.json + model.safetensors)",
+        "timm": "a local timm weights file (model.safetensors or pytorch_model.bin)",
+    }[fmt]
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError(
+            f"{name}: downloading needs huggingface_hub (pip install "
+            f"huggingface_hub); or pass {local}"
+        ) from None
+    try:
+        if fmt == "hf":
+            return "hf", Path(
+                huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+            )
+        repo = repo if "/" in repo else f"timm/{repo}"
+        return "timm", Path(huggingface_hub.hf_hub_download(repo, "model.safetensors"))
+    except Exception as e:  # offline, unknown repository, gated model, ...
+        raise CheckpointError(
+            f"{name}: cannot download ({type(e).__name__}: {e}); without a "
+            f"network, pass {local} instead"
+        ) from None
+
+
 __all__ = [
     "FORMATS",
     "CheckpointError",
     "atomic_write",
+    "download",
     "guess_format",
     "load_model",
     "load_pretrained",
