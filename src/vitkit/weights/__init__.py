@@ -68,8 +68,9 @@ def download(name: str) -> tuple[str, Path]:
         repo = repo if "/" in repo else f"timm/{repo}"
         return "timm", Path(huggingface_hub.hf_hub_download(repo, "model.safetensors"))
     except Exception as e:  # offline, unknown repository, gated model, ...
+        reason = " ".join(str(e).split())  # on one line
         raise CheckpointError(
-            f"{name}: cannot download ({type(e).__name__}: {e}); without a "
+            f"{name}: cannot download ({type(e).__name__}: {reason}); without a "
             f"network, pass {local} instead"
         ) from None
 
