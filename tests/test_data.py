@@ -11,7 +11,6 @@ from PIL import Image
 from vitkit.data import (
     AugmentConfig,
     DatasetError,
-    EvalTransform,
     ImageDataset,
     TrainTransform,
     dataset_stats,
@@ -382,16 +381,20 @@ def test_dataset_stats_matches_float_computation():
     assert std == pytest.approx(x.std((0, 2, 3), correction=0).tolist(), abs=1e-12)
 
 
-def test_eval_transform_normalises():
+def test_eval_preprocessing_normalises():
+    from vitkit.config import ViTConfig
+    from vitkit.infer.predict import preprocess
+
     ds = random_dataset()
     mean, std = dataset_stats(ds)
-    x = EvalTransform(mean, std)(ds.images)
+    cfg = ViTConfig(image_size=ds.image_size, patch_size=1, mean=mean, std=std)
+    x = preprocess(ds.images, cfg)
     assert x.dtype == torch.float32 and x.shape == ds.images.shape
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(x.std((0, 2, 3), correction=0), torch.ones(3), atol=1e-5)
-    assert EvalTransform(mean, std, image_size=24)(ds.images).shape == (64, 3, 24, 24)
+    assert preprocess(ds.images, cfg.replace(image_size=24)).shape == (64, 3, 24, 24)
     white = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
-    flat = EvalTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(white)
+    flat = preprocess(white, ViTConfig(image_size=4, patch_size=1, std=(0.25, 0.25, 0.25)))
     assert torch.allclose(flat, torch.full_like(flat, 2.0))
     with pytest.raises(TypeError, match="uint8 or float"):
         to_float(torch.zeros(1, 3, 4, 4, dtype=torch.int64))

@@ -200,7 +200,6 @@ from vitkit.data.folder import load_image, load_image_folder, split_image_folder
 from vitkit.data.idx import load_idx, load_idx_dir, read_idx  # noqa: E402
 from vitkit.data.transforms import (  # noqa: E402
     AugmentConfig,
-    EvalTransform,
     TrainTransform,
     mix,
     normalize,
@@ -211,7 +210,6 @@ __all__ = [
     "DATASETS",
     "AugmentConfig",
     "DatasetError",
-    "EvalTransform",
     "ImageDataset",
     "TrainTransform",
     "dataset_stats",

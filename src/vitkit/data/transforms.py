@@ -417,18 +417,3 @@ class TrainTransform:
         if aug.mixes and self.num_classes is not None:
             return mix(x, labels, self.num_classes, gen, aug.mixup, aug.cutmix, aug.mix_prob)
         return x, labels
-
-
-class EvalTransform:
-    """uint8 batch -> normalised float batch at the model's `image_size` (if given)."""
-
-    def __init__(
-        self, mean: Sequence[float], std: Sequence[float], image_size: int | None = None
-    ) -> None:
-        self.mean, self.std, self.image_size = tuple(mean), tuple(std), image_size
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images)
-        if self.image_size:
-            x = resize(x, self.image_size)
-        return normalize(x, self.mean, self.std)
