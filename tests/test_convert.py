@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from vitkit import CheckpointError, create_model, load_model
+from vitkit import CheckpointError, create_model, load_model, load_pretrained
 from vitkit.cli import main
 from vitkit.weights.foreign import read_state_dict
 from vitkit.weights.hf import from_hf, to_hf
@@ -46,6 +46,17 @@ def test_timm_parity(timm, name, size, heads):
         assert_logits_close(model(x), ref(x))
         state = to_timm(model)
     ref.load_state_dict(state)  # and back: timm takes vitkit's weights as they are
+
+
+def test_timm_imagenet_checkpoint_gets_class_names_and_bicubic(timm, tmp_path):
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    save_file(ref.state_dict(), tmp_path / "in1k.safetensors")
+    model = load_pretrained(tmp_path / "in1k.safetensors")
+    assert model.config.num_classes == 1000 and model.config.interpolation == "bicubic"
+    assert model.labels[0] == "tench, Tinca tinca" and model.labels[999].startswith("toilet tissue")
+    assert model.labels[285] == "Egyptian cat" and len(set(model.labels)) == 999  # two cranes
 
 
 def test_timm_file_formats(timm, tmp_path):
@@ -87,6 +98,7 @@ def test_hugging_face_parity_and_round_trip(timm, tmp_path):
     ref = _hf_model(tmp_path)  # default layer_norm_eps 1e-12, read from config.json
     model = from_hf(tmp_path / "hf")
     assert model.config.ln_eps == 1e-12 and model.labels == [f"LABEL_{i}" for i in range(4)]
+    assert model.config.interpolation == "bilinear"  # ViTImageProcessor's default
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_logits_close(model(x), ref(pixel_values=x).logits)
@@ -94,7 +106,12 @@ def test_hugging_face_parity_and_round_trip(timm, tmp_path):
     mine = create_model("Ti/16", image_size=64, num_classes=3, depth=2, seed=1)
     torch.nn.init.normal_(mine.head.weight, std=0.05)
     mine.labels = ["cat", "dog", "eel"]
+    mine.config = mine.config.replace(mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
     to_hf(mine.eval(), tmp_path / "out")
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor.from_pretrained(tmp_path / "out")
+    assert processor.resample == 3 and list(processor.image_mean) == [0.4, 0.5, 0.6]  # bicubic
     theirs = ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
     assert theirs.config.id2label[2] == "eel"
     back = from_hf(tmp_path / "out")
@@ -102,6 +119,7 @@ def test_hugging_face_parity_and_round_trip(timm, tmp_path):
         assert_logits_close(theirs(pixel_values=x).logits, mine(x))
     a, b = mine.state_dict(), back.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and back.labels == mine.labels
+    assert back.config == mine.config
 
 
 def test_hugging_face_backbone_without_head(timm, tmp_path):

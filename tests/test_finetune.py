@@ -84,3 +84,19 @@ def test_layer_decay_scales_lower_layers_less():
     assert scale["head.weight"] == 1.0 and scale["norm.weight"] == 1.0
     assert scale["blocks.1.attn.qkv.weight"] == 0.5 and scale["blocks.0.mlp.fc1.bias"] == 0.25
     assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.125
+
+
+def test_recipe_regularisation_applies_to_a_pretrained_model(tmp_path):
+    cfg = _digits(
+        init="fashion-mnist",
+        num_classes=10,
+        max_steps=2,
+        model_overrides={"image_size": 35, "drop_path": 0.2, "dropout": 0.1},
+    )
+    train(cfg, tmp_path / "reg", progress=False)
+    tuned = load_model(tmp_path / "reg")
+    assert (tuned.config.drop_path, tuned.config.dropout) == (0.2, 0.1)
+    assert tuned.config.width == load_model("fashion-mnist").config.width
+    cfg = _digits(init="fashion-mnist", num_classes=10, model_overrides={"width": 64})
+    with pytest.raises(ValueError, match="width cannot change when fine-tuning"):
+        train(cfg, tmp_path / "bad", progress=False)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from vitkit import create_model, save_model
 from vitkit.data import ImageDataset
+from vitkit.data.folder import load_image
 from vitkit.infer import Classifier, evaluate
 from vitkit.infer.commands import add_eval_command, add_predict_command
 from vitkit.infer.evaluate import save_report
@@ -155,6 +156,28 @@ def test_preprocess_channels_crop_and_normalisation():
     assert x.shape == (1, 3, 32, 32)
     expected = (1 - torch.tensor([0.4, 0.5, 0.6])) / torch.tensor([0.1, 0.2, 0.3])
     assert torch.allclose(x.mean(dim=(0, 2, 3)), expected, atol=1e-5)
+
+
+def test_preprocess_resizes_with_the_models_interpolation(tmp_path):
+    img = torch.zeros(1, 1, 56, 56, dtype=torch.uint8)
+    img[..., ::2, :] = 255  # stripes: bilinear and bicubic resample them differently
+    config = create_model("Ti/4@28").config
+    out = {}
+    for mode in ("bilinear", "bicubic"):
+        c = config.replace(interpolation=mode)
+        x = img.float() / 255
+        expected = F.interpolate(x, size=(28, 28), mode=mode, antialias=True)
+        torch.testing.assert_close(preprocess(img, c), (expected.clamp(0, 1) - 0.5) / 0.5)
+        out[mode] = preprocess(img, c)
+        # Files are resized by Pillow with the same filter.
+        Image.fromarray(img[0, 0].numpy()).save(tmp_path / "stripes.png")
+        pil = Image.fromarray(img[0, 0].numpy()).resize((28, 28), getattr(Image, mode.upper()))
+        assert torch.equal(
+            load_image(tmp_path / "stripes.png", 1, 28, mode)[0], torch.from_numpy(np.array(pil))
+        )
+    assert not torch.allclose(out["bilinear"], out["bicubic"])
+    with pytest.raises(ValueError, match="interpolation"):
+        config.replace(interpolation="nearest")
 
 
 def _dataset(labels, channels=1, size=28):

@@ -4,7 +4,7 @@ from vitkit.config import PRESETS, ViTConfig
 from vitkit.infer import Classifier, Prediction, evaluate, probabilities, top_k
 from vitkit.model import ViT
 from vitkit.model.factory import create_model
-from vitkit.weights import CheckpointError, load_model, save_model
+from vitkit.weights import CheckpointError, load_model, load_pretrained, save_model
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "create_model",
     "evaluate",
     "load_model",
+    "load_pretrained",
     "probabilities",
     "save_model",
     "top_k",

@@ -39,6 +39,9 @@ class ViTConfig:
     # Preprocessing travels with the weights, so prediction normalises as training did.
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # How images are resized to image_size: timm's ViTs were trained with bicubic, Google's
+    # and Hugging Face's with bilinear.
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
 
     def __post_init__(self) -> None:
         _check_types(self)

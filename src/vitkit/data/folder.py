@@ -8,7 +8,8 @@ Every image goes through the same rules, here and at prediction time (`load_imag
    converted by Pillow. Transparency is composited on black, so a transparent pixel reads as
    0, the empty background of MNIST-style data.
 3. Grey becomes RGB by repetition and RGB becomes grey by luma (ITU-R 601), to `channels`.
-4. The shorter side is resized to `image_size` (bicubic) and the centre square is kept.
+4. The shorter side is resized to `image_size` (bicubic unless told otherwise) and the centre
+   square is kept.
 """
 
 from __future__ import annotations
@@ -37,26 +38,37 @@ class UnreadableImage(DatasetError):
         self.path, self.reason = str(path), reason
 
 
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
 def load_image(
-    source: str | Path | Image.Image, channels: int = 3, image_size: int = 224
+    source: str | Path | Image.Image,
+    channels: int = 3,
+    image_size: int = 224,
+    interpolation: str = "bicubic",
 ) -> torch.Tensor:
     """One image as uint8 (channels, image_size, image_size), decoded by the module's rules."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be one of {', '.join(_RESAMPLE)}")
+    resample = _RESAMPLE[interpolation]
     if isinstance(source, Image.Image):
-        return _to_tensor(_decode(source, channels, image_size))
+        return _to_tensor(_decode(source, channels, image_size, resample))
     path = Path(source)
     try:
         with Image.open(path) as img:
             # JPEGs can decode straight at a reduced scale that still covers image_size.
             img.draft(None, (image_size, image_size))
-            return _to_tensor(_decode(img, channels, image_size))
+            return _to_tensor(_decode(img, channels, image_size, resample))
     # Pillow's decoders raise many exception types on broken input; all mean "unreadable".
     except Exception as e:
         raise UnreadableImage(path, str(e) or type(e).__name__) from None
 
 
-def _decode(img: Image.Image, channels: int, image_size: int) -> Image.Image:
+def _decode(
+    img: Image.Image, channels: int, image_size: int, resample: Image.Resampling
+) -> Image.Image:
     img = _to_8bit(ImageOps.exif_transpose(img))
     img = img.convert("L" if channels == 1 else "RGB")
     w, h = img.size
@@ -66,7 +78,7 @@ def _decode(img: Image.Image, channels: int, image_size: int) -> Image.Image:
     # as "shorter side to image_size, then centre crop", without rounding the size in between.
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    return img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
+    return img.resize((image_size, image_size), resample, box=box)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -75,11 +75,11 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A float batch in [0, 1] resized to size x size (bicubic, antialiased when shrinking)."""
+def resize(x: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """A float batch in [0, 1] resized to size x size (antialiased when shrinking)."""
     if x.shape[-2:] == (size, size):
         return x
-    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode=mode, antialias=True, align_corners=False)
     return x.clamp_(0, 1)  # bicubic overshoots at edges
 
 

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from vitkit.config import ViTConfig
 from vitkit.data import DatasetError
 from vitkit.data.folder import load_image
-from vitkit.data.transforms import normalize, to_float
+from vitkit.data.transforms import normalize, resize, to_float
 from vitkit.infer.labels import top_k as top_k_labels
 from vitkit.model.vit import ViT
 from vitkit.weights.format import load_model
@@ -81,8 +80,8 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 def preprocess(images: torch.Tensor, config: ViTConfig) -> torch.Tensor:
     """Images (B, C, H, W), uint8 or float in [0, 1], as the normalised inputs `config` expects.
 
-    Channels are matched, non-square images centre-cropped, and the size changed with
-    antialiased bilinear resampling; then `(x - mean) / std` per channel.
+    Channels are matched, non-square images centre-cropped, and the size changed with the
+    model's interpolation (antialiased); then `(x - mean) / std` per channel.
     """
     if images.ndim != 4:
         raise ValueError(f"expected images (B, C, H, W), got {tuple(images.shape)}")
@@ -94,9 +93,7 @@ def preprocess(images: torch.Tensor, config: ViTConfig) -> torch.Tensor:
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         x = x[..., top : top + side, left : left + side]
-    if x.shape[-1] != config.image_size:
-        size = (config.image_size, config.image_size)
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    x = resize(x, config.image_size, config.interpolation)
     return normalize(x, config.mean, config.std)
 
 
@@ -165,7 +162,7 @@ class Classifier:
                 raise ValueError(f"expected an image (C, H, W) or (H, W), got {tuple(item.shape)}")
             x = item.reshape(1, -1, *item.shape[-2:])
         else:
-            x = load_image(item, channels=c.in_channels, image_size=c.image_size)[None]
+            x = load_image(item, c.in_channels, c.image_size, c.interpolation)[None]
         return preprocess(x.to(self.device), c)
 
 

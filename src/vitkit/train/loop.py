@@ -128,6 +128,10 @@ def _setup(
     return model, train_ds, val_ds
 
 
+# What a recipe's [model] may change in a pretrained model: regularisation, not weights.
+FINETUNE_OVERRIDES = frozenset({"dropout", "attn_dropout", "drop_path"})
+
+
 def _fit_pretrained(model: ViT, cfg: TrainConfig, train: ImageDataset) -> ViT:
     """A pretrained model with a head for the data's classes, at the data's resolution."""
     n = len(train.classes)
@@ -141,6 +145,17 @@ def _fit_pretrained(model: ViT, cfg: TrainConfig, train: ImageDataset) -> ViT:
             f"data {n}: pass --num-classes {n} for a new head"
         )
     model.set_image_size(train.image_size)  # position embeddings resampled if it differs
+    overrides = {k: v for k, v in cfg.model_overrides.items() if k != "image_size"}
+    fixed = sorted(set(overrides) - FINETUNE_OVERRIDES)
+    if fixed:
+        raise ValueError(
+            f"a pretrained model's {', '.join(fixed)} cannot change when fine-tuning; "
+            f"[model] may set {', '.join(sorted(FINETUNE_OVERRIDES | {'image_size'}))}"
+        )
+    if overrides:  # regularisation lives in the modules: rebuild them, keep every weight
+        tuned = ViT(model.config.replace(**overrides))
+        tuned.load_state_dict(model.state_dict())
+        model = tuned
     return model
 
 

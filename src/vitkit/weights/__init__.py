@@ -1,7 +1,9 @@
 """Checkpoints: vitkit's own format, and converters from timm, Hugging Face and Google."""
 
+from functools import partial
 from pathlib import Path
 
+from vitkit.infer.labels import imagenet1k_labels
 from vitkit.model.vit import ViT
 from vitkit.weights.format import CheckpointError, atomic_write, load_model, save_model
 
@@ -37,13 +39,13 @@ def load_pretrained(src: str | Path, fmt: str | None = None, heads: int | None =
     if str(src).startswith(("hf:", "timm:")):
         fmt, src = download(str(src))
     fmt = fmt or guess_format(src)
-    if fmt == "timm":
-        return from_timm(src, heads=heads)
-    if fmt == "hf":
-        return from_hf(src)
-    if fmt == "npz":
-        return from_npz(src)
-    return load_model(src)
+    if fmt == "vitkit":
+        return load_model(src)
+    readers = {"timm": partial(from_timm, heads=heads), "hf": from_hf, "npz": from_npz}
+    model = readers[fmt](src)
+    if model.labels is None and model.config.num_classes == 1000:
+        model.labels = imagenet1k_labels()  # a 1000-class head is ImageNet-1k's
+    return model
 
 
 def download(name: str) -> tuple[str, Path]:

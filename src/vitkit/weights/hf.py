@@ -45,6 +45,8 @@ HF_BLOCK = {
 HF_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 HF_HEAD = {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# preprocessor_config.json names resampling filters by their Pillow numbers.
+PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}
 
 
 def config_from_hf(hf: dict[str, Any], has_head: bool) -> tuple[ViTConfig, list[str] | None]:
@@ -71,6 +73,7 @@ def config_from_hf(hf: dict[str, Any], has_head: bool) -> tuple[ViTConfig, list[
         ln_eps=float(hf.get("layer_norm_eps", 1e-12)),
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
+        interpolation="bilinear",
     )
     return config, labels
 
@@ -91,8 +94,7 @@ def from_hf(directory: str | Path) -> ViT:
     if has_head and config.num_classes != state["classifier.weight"].shape[0]:
         config = config.replace(num_classes=state["classifier.weight"].shape[0])
         labels = None
-    mean, std = _preprocessing(directory, config.in_channels)
-    config = config.replace(mean=mean, std=std)
+    config = config.replace(**_preprocessing(directory, config.in_channels))
     model = ViT(config)
     model.load_state_dict(_to_vitkit(state, prefix, config.depth, has_head))
     model.labels = labels
@@ -130,14 +132,18 @@ def _to_vitkit(
     return out
 
 
-def _preprocessing(directory: Path, channels: int) -> tuple[tuple, tuple]:
-    """Normalisation from preprocessor_config.json; Google's ViTs use 0.5 / 0.5 otherwise."""
+def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
+    """Normalisation and resampling from preprocessor_config.json; without one, what
+    `ViTImageProcessor` defaults to (0.5 / 0.5, bilinear)."""
     path = directory / "preprocessor_config.json"
-    if path.is_file():
-        pre = json.loads(path.read_text())
-        if "image_mean" in pre and "image_std" in pre:
-            return tuple(pre["image_mean"]), tuple(pre["image_std"])
-    return (0.5,) * channels, (0.5,) * channels
+    pre = json.loads(path.read_text()) if path.is_file() else {}
+    out: dict[str, Any] = {"mean": (0.5,) * channels, "std": (0.5,) * channels}
+    if "image_mean" in pre and "image_std" in pre:
+        out["mean"], out["std"] = tuple(pre["image_mean"]), tuple(pre["image_std"])
+    resample = {v: k for k, v in PIL_RESAMPLE.items()}.get(pre.get("resample"))
+    if resample:
+        out["interpolation"] = resample
+    return out
 
 
 def to_hf(model: ViT, directory: str | Path) -> Path:
@@ -187,6 +193,7 @@ def to_hf(model: ViT, directory: str | Path) -> Path:
         "size": {"height": c.image_size, "width": c.image_size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
+        "resample": PIL_RESAMPLE[c.interpolation],
         "do_normalize": True,
         "image_mean": list(c.mean),
         "image_std": list(c.std),

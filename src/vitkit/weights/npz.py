@@ -82,6 +82,7 @@ def from_npz(path: str | Path) -> ViT:
         class_token=class_token,
         mean=(0.5,) * channels,  # Google's checkpoints take inputs scaled to [-1, 1]
         std=(0.5,) * channels,
+        interpolation="bilinear",  # tf.image.resize's default in vit_jax and big_vision
     )
 
     def t(a: np.ndarray) -> torch.Tensor:

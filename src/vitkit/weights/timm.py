@@ -84,6 +84,7 @@ def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -
         cls_pos_embed=cls_pos,
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
+        interpolation="bicubic",  # the default_cfg of timm's ViTs
     )
 
 
