@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint install data clean
+.PHONY: demo test lint install data browser clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ data:
 	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null || \
 	    $$SUDO sh -c 'apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null'; }
 
+# Debian's Chromium, for the end-to-end test of the web page (the test tools' own browser
+# downloads cannot be used here).
+browser:
+	@command -v chromium >/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q chromium >/dev/null || \
+	    $$SUDO sh -c 'apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null'; }
+
 demo: install data
 	$(BIN)/python -m vitkit.demo
 
@@ -32,7 +40,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install data
+test: install data browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n 2
 

@@ -28,6 +28,10 @@ def test_json_ints_accepted_for_floats():
         ({"class_token": False}, "pool='cls' needs class_token"),
         ({"depth": 0}, "depth must be positive"),
         ({"drop_path": 1.5}, "drop_path must be in"),
+        ({"resnet_layers": [], "patch_size": 1}, "at least one stage"),
+        ({"resnet_layers": [3], "resnet_width": 48, "patch_size": 1}, "multiple of 32"),
+        ({"resnet_layers": [3, 4], "image_size": 200}, r"token stride 128 \(CNN stride 8"),
+        ({"resnet_stem": "deep"}, "resnet_stem must be"),
     ],
 )
 def test_bad_config_fields_rejected(patch, message):

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ TIMM_MODELS = [
     ("vit_tiny_patch16_384", 384, None),
     ("vit_base_patch16_gap_224", 224, 16),  # no class token, mean pooling
     ("vit_base_patch16_reg4_gap_256", 256, None),  # 4 registers, fc_norm after pooling
+    ("vit_base_r50_s16_384", 384, None),  # the paper's hybrid: ResNet-50 stages (3, 4, 9)
+    ("vit_small_r26_s32_224", 224, None),  # hybrid, ResNet-26 stages (2, 2, 2, 2)
 ]
 
 
@@ -146,6 +149,21 @@ def test_hugging_face_backbone_without_head(timm, tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"pool": "mean", "class_token": False},
+        {"num_registers": 2},
+        {"resnet_layers": (1,), "patch_size": 4},
+    ],
+)
+def test_models_hugging_face_cannot_express_are_refused(tmp_path, overrides):
+    model = create_model("Ti/16", depth=1, **overrides)
+    with pytest.raises(CheckpointError, match="cannot be exported"):
+        to_hf(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['VITKIT_PAYLOAD_MARK']}",))
@@ -235,6 +253,22 @@ def _write_google_npz(ref, path, big_vision: bool) -> None:
         for k, fc in ((0, "fc1"), (1, "fc2")):
             w[f"{b}MlpBlock_{mlp}/Dense_{k}/kernel"] = sd[f"{t}mlp.{fc}.weight"].T
             w[f"{b}MlpBlock_{mlp}/Dense_{k}/bias"] = sd[f"{t}mlp.{fc}.bias"]
+    # The hybrid's ResNet, named as in vit_jax: conv_root, gn_root, block{s}/unit{j}/...
+    jax = {"stem.conv": "conv_root", "stem.norm": "gn_root", "downsample.conv": "conv_proj"}
+    jax |= {"downsample.norm": "gn_proj"} | {f"norm{n}": f"gn{n}" for n in (1, 2, 3)}
+    for k, v in sd.items():
+        if not k.startswith("patch_embed.backbone."):
+            continue
+        name, part = k.removeprefix("patch_embed.backbone.").rsplit(".", 1)
+        if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", name):
+            unit = f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}/"
+            name = unit + jax.get(m[3], m[3])
+        else:
+            name = jax[name]
+        if v.ndim == 4:
+            w[f"{p}{name}/kernel"] = v.transpose(2, 3, 1, 0)
+        else:
+            w[f"{p}{name}/{'scale' if part == 'weight' else 'bias'}"] = v
     np.savez(path, **w)
 
 
@@ -251,6 +285,27 @@ def test_google_npz_parity_with_timms_loader(timm, tmp_path, big_vision):
     model = load_model(tmp_path / "m")
     assert (model.config.heads, model.config.depth, model.config.mean) == (6, 3, (0.5,) * 3)
     x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert_logits_close(model(x), ref.eval()(x))
+        assert_logits_close(model(x), src.eval()(x))
+
+
+def test_google_npz_hybrid_parity_with_timms_loader(timm, tmp_path):
+    from timm.models.vision_transformer import _load_weights
+
+    name, kw = "vit_base_r50_s16_384", {"depth": 2, "num_classes": 5}
+    src = timm.create_model(name, pretrained=False, **kw)
+    torch.nn.init.normal_(src.head.weight, std=0.05)
+    for m in src.modules():  # timm zero-initialises each block's last norm
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.1)
+    _write_google_npz(src, tmp_path / "r50.npz", big_vision=False)
+    ref = timm.create_model(name, pretrained=False, **kw)
+    _load_weights(ref, str(tmp_path / "r50.npz"))
+    model = load_pretrained(tmp_path / "r50.npz")
+    c = model.config
+    assert (c.resnet_layers, c.resnet_width, c.image_size, c.grid_size) == ((3, 4, 9), 64, 384, 24)
+    x = torch.randn(1, 3, 384, 384)
     with torch.no_grad():
         assert_logits_close(model(x), ref.eval()(x))
         assert_logits_close(model(x), src.eval()(x))

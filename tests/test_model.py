@@ -11,6 +11,18 @@ PAPER_PARAMS = {
     "B/16": 86_567_656,
     "L/16": 304_326_632,
     "H/14": 632_045_800,
+    # The hybrid R50+ViT-B/16: timm's vit_base_r50_s16_384 has as many (tests/test_convert.py).
+    "R50+B/16@384": 98_950_952,
+    "R50+B/16": 98_659_112,
+}
+SMALL_HYBRID = {
+    "resnet_layers": (1, 1),
+    "resnet_width": 32,
+    "resnet_stem": "small",
+    "patch_size": 2,
+    "width": 64,
+    "heads": 2,
+    "depth": 2,
 }
 
 
@@ -45,9 +57,13 @@ def _random_head(model):
     torch.nn.init.normal_(model.head.weight, std=0.02)
 
 
-def test_gradients_reach_every_parameter():
-    model = create_model("Ti/4@28", num_registers=2, drop_path=0.0)
+@pytest.mark.parametrize("overrides", [{"num_registers": 2}, SMALL_HYBRID])
+def test_gradients_reach_every_parameter(overrides):
+    model = create_model("Ti/4@28", drop_path=0.0, **overrides)
     _random_head(model)
+    for m in model.modules():  # blocks of a fresh ResNet start as the identity
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.1)
     loss = model(torch.randn(4, 1, 28, 28)).logsumexp(-1).mean()
     loss.backward()
     for name, p in model.named_parameters():
@@ -56,7 +72,12 @@ def test_gradients_reach_every_parameter():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"pool": "mean", "class_token": False}, {"num_registers": 4, "cls_pos_embed": False}],
+    [
+        {},
+        {"pool": "mean", "class_token": False},
+        {"num_registers": 4, "cls_pos_embed": False},
+        SMALL_HYBRID,
+    ],
 )
 def test_attention_path_matches_fused_path(overrides):
     model = create_model("Ti/4@32", **overrides).eval()
@@ -139,3 +160,20 @@ def test_stochastic_depth_only_in_training():
         torch.testing.assert_close(model(x), model(x))
         model.train()
         assert not torch.allclose(model(x), model(x))
+
+
+def test_hybrid_tokens_come_from_the_cnn_map():
+    # Small stem (stride 1), two stages (stride 2), 2x2 patches: 4 px per token, 7x7 tokens.
+    model = create_model("Ti/4@28", **SMALL_HYBRID).eval()
+    c = model.config
+    assert (c.cnn_stride, c.token_stride, c.grid_size, c.cnn_channels) == (2, 4, 7, 256)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        feature_map = model.patch_embed.backbone(x)
+        assert feature_map.shape == (2, 256, 14, 14)
+        assert model.forward_features(x).shape == (2, 1 + 49, 64)
+        assert model(torch.randn(1, 1, 56, 56)).shape == (1, 10)  # 14x14 tokens, resampled
+    with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
+        model(torch.randn(1, 1, 30, 30))
+    r50 = PRESETS["R50+B/16@384"]
+    assert (r50.token_stride, r50.grid_size, r50.num_pos_embeds) == (16, 24, 577)

@@ -18,7 +18,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from vitkit.model import ViT, count_params, flops
 
     print(
-        f"{'preset':<10} {'image':>5} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} "
+        f"{'preset':<12} {'image':>5} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} "
         f"{'params':>13} {'GFLOPs':>8}"
     )
     for name, cfg in PRESETS.items():
@@ -26,9 +26,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             cfg = cfg.replace(num_classes=args.num_classes)
         params = count_params(ViT(cfg)) if args.exact else _param_formula(cfg)
         print(
-            f"{name:<10} {cfg.image_size:>5} {cfg.patch_size:>5} {cfg.width:>5} "
+            f"{name:<12} {cfg.image_size:>5} {cfg.token_stride:>5} {cfg.width:>5} "
             f"{cfg.depth:>5} {cfg.heads:>5} {params:>13,} {flops(cfg) / 1e9:>8.2f}"
         )
+    print("patch: image pixels per token side (hybrids: the CNN's stride x the patch size)")
     print("GFLOPs: one forward pass of one image, a multiply-add counted as 2.")
     return 0
 
@@ -39,12 +40,30 @@ _CREATE_FLAGS = ("num_classes", "image_size", "patch_size", "in_channels", "drop
 def _param_formula(c: ViTConfig) -> int:
     """Parameter count without building the model (H/14 would take seconds)."""
     d, m = c.width, c.mlp_dim
-    patch = c.in_channels * c.patch_size**2 * d + d
+    patch = c.cnn_channels * c.patch_size**2 * d + d
     tokens = int(c.class_token) * d + c.num_registers * d + c.num_pos_embeds * d
     qkv_bias = 3 * d if c.qkv_bias else 0
     block = 2 * 2 * d + (3 * d * d + qkv_bias) + (d * d + d) + (d * m + m) + (m * d + d)
     head = (d * c.num_classes + c.num_classes) if c.num_classes else 0
+    if c.resnet_layers is not None:  # the hybrid's CNN: small and quick to build
+        from vitkit.model import count_params
+        from vitkit.model.resnet import ResNetV2
+
+        patch += count_params(
+            ResNetV2(c.in_channels, c.resnet_layers, c.resnet_width, c.resnet_stem)
+        )
     return patch + tokens + c.depth * block + 2 * d + head
+
+
+def describe_patches(c: ViTConfig) -> str:
+    """`patch 16`, or for a hybrid its CNN and the pixels each token covers."""
+    if c.resnet_layers is None:
+        return f"patch {c.patch_size}"
+    stages = ", ".join(map(str, c.resnet_layers))
+    return (
+        f"ResNet-v2 ({stages}) {c.resnet_stem} stem + patch {c.patch_size} "
+        f"({c.token_stride} px per token)"
+    )
 
 
 def _overrides(args: argparse.Namespace, flags: Sequence[str] = _CREATE_FLAGS) -> dict:
@@ -100,7 +119,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{directory}: ViT {cfg.width}w x {cfg.depth} blocks x {cfg.heads} heads, "
-        f"patch {cfg.patch_size}, {cfg.image_size}px, {cfg.in_channels} channel(s)"
+        f"{describe_patches(cfg)}, {cfg.image_size}px, {cfg.in_channels} channel(s)"
     )
     print(f"  parameters {info['parameters']:,}   GFLOPs {info['gflops']}")
     print(
@@ -126,16 +145,17 @@ _TRAIN_SETTINGS = (
     "warmup_epochs",
     "num_classes",
     "layer_decay",
+    "grad_accum",
+    "shard",
 )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vitkit.train import TrainConfig, load_recipe, train
+    from vitkit.train.distributed import LostProcessError, launched_size, rank
 
     if args.resume:
-        result = train(
-            TrainConfig(max_steps=args.max_steps), args.resume, resume=True, progress=not args.quiet
-        )
+        cfg, out, resume = TrainConfig(max_steps=args.max_steps), args.resume, True
     else:
         settings = load_recipe(args.recipe).config.to_dict() if args.recipe else {}
         if args.command == "finetune":
@@ -145,14 +165,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                 settings[flag] = getattr(args, flag)
         overrides = _overrides(args, flags=("image_size",) if args.command == "finetune" else ())
         settings["model_overrides"] = settings.get("model_overrides", {}) | overrides
-        cfg = TrainConfig.from_dict(settings)
-        out = args.out or Path("runs") / f"{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = train(cfg, out, progress=not args.quiet)
-    acc = f"{result.val_acc:.4f}" if result.val_acc is not None else "n/a"
-    print(
-        f"{result.run_dir}: step {result.step}/{result.total_steps}, held-out accuracy {acc}, "
-        f"{result.seconds / 60:.1f} min"
-    )
+        cfg, out, resume = TrainConfig.from_dict(settings), args.out, False
+        if out is None and launched_size() > 1:  # each process would stamp its own time
+            raise ValueError("several processes train one run: name its directory with --out")
+        out = out or Path("runs") / f"{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = train(cfg, out, resume=resume, progress=not args.quiet)
+    except LostProcessError as e:
+        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    if rank() == 0:
+        acc = f"{result.val_acc:.4f}" if result.val_acc is not None else "n/a"
+        print(
+            f"{result.run_dir}: step {result.step}/{result.total_steps}, held-out accuracy "
+            f"{acc}, {result.seconds / 60:.1f} min"
+        )
     return 130 if result.interrupted else 0
 
 
@@ -175,7 +202,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     c = model.config
     print(
         f"{args.src} ({source}) -> {args.out_dir} ({args.to}): width {c.width}, depth "
-        f"{c.depth}, heads {c.heads}, patch {c.patch_size}, {c.image_size}px, "
+        f"{c.depth}, heads {c.heads}, {describe_patches(c)}, {c.image_size}px, "
         f"{c.num_classes} classes"
     )
     return 0
@@ -185,7 +212,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="fashion-mnist, mnist, digits, or an image folder")
     p.add_argument("--data-dir", help="where the dataset's files are (default: searched)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="images per step, over all processes")
+    p.add_argument(
+        "--grad-accum", type=int, metavar="K", help="K micro-batches a step in each process"
+    )
+    p.add_argument(
+        "--shard", action="store_true", default=None, help="FSDP2: shard the model (torchrun)"
+    )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float)
@@ -244,10 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="a TOML recipe; flags override it")
     _add_training_flags(p)
 
-    from vitkit.infer.commands import add_eval_command, add_predict_command
+    from vitkit.infer.commands import add_eval_command, add_explain_command, add_predict_command
 
     add_eval_command(sub)
     add_predict_command(sub)
+    add_explain_command(sub)
 
     p = sub.add_parser("convert", help="import timm, Hugging Face or Google weights; export")
     p.add_argument("src", metavar="SRC", help="timm weights, Google .npz, HF dir or model dir")

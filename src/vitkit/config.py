@@ -42,6 +42,12 @@ class ViTConfig:
     # How images are resized to image_size: timm's ViTs were trained with bicubic, Google's
     # and Hugging Face's with bilinear.
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    # The hybrid model (paper, section 3.1): patches are cut from a ResNet-v2 feature map
+    # instead of the image. Bottleneck blocks per stage (None: no CNN, a plain ViT), the
+    # stem's width, and its kind: "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv).
+    resnet_layers: tuple[int, ...] | None = None
+    resnet_width: int = 64
+    resnet_stem: Literal["imagenet", "small"] = "imagenet"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -53,10 +59,16 @@ class ViTConfig:
             raise ValueError("ViTConfig.num_classes and num_registers must be >= 0")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+        if self.resnet_layers is not None:
+            if not self.resnet_layers or min(self.resnet_layers) < 1:
+                raise ValueError("resnet_layers needs at least one stage of at least one block")
+            if self.resnet_width <= 0 or self.resnet_width % 32:
+                raise ValueError("resnet_width must be a positive multiple of 32 (GroupNorm)")
+        if self.image_size % self.token_stride:
+            what = f"patch_size {self.patch_size}"
+            if self.resnet_layers is not None:
+                what = f"the token stride {self.token_stride} (CNN stride {self.cnn_stride} x {what})"
+            raise ValueError(f"image_size {self.image_size} is not a multiple of {what}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.pool == "cls" and not self.class_token:
@@ -71,8 +83,25 @@ class ViTConfig:
 
     # -- derived sizes ---------------------------------------------------------
     @property
+    def cnn_stride(self) -> int:
+        """How much the hybrid's CNN shrinks the image (1 without one)."""
+        return resnet_stride(self.resnet_layers, self.resnet_stem)
+
+    @property
+    def cnn_channels(self) -> int:
+        """Channels of the map the patches are cut from: the image's, or the CNN's output."""
+        if self.resnet_layers is None:
+            return self.in_channels
+        return 4 * self.resnet_width * 2 ** (len(self.resnet_layers) - 1)
+
+    @property
+    def token_stride(self) -> int:
+        """Image pixels per token side: the patch size, times the CNN's stride."""
+        return self.patch_size * self.cnn_stride
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // self.patch_size
+        return self.image_size // self.token_stride
 
     @property
     def num_patches(self) -> int:
@@ -96,6 +125,9 @@ class ViTConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown ViTConfig field(s): {', '.join(sorted(unknown))}")
+        for key in _TUPLE_FIELDS:  # JSON and TOML give lists
+            if isinstance(overrides.get(key), list):
+                overrides[key] = tuple(overrides[key])
         channels = overrides.get("in_channels", self.in_channels)
         if channels != self.in_channels:
             overrides.setdefault("mean", _resize_stat(self.mean, channels))
@@ -105,6 +137,8 @@ class ViTConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.resnet_layers is not None:
+            d["resnet_layers"] = list(self.resnet_layers)
         return d
 
     @classmethod
@@ -116,7 +150,7 @@ class ViTConfig:
         if unknown:
             raise ValueError(f"unknown ViTConfig field(s): {', '.join(sorted(unknown))}")
         d = dict(d)
-        for key in ("mean", "std"):
+        for key in _TUPLE_FIELDS:
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -135,6 +169,17 @@ class ViTConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ViTConfig:
         return cls.from_json(Path(path).read_text())
+
+
+_TUPLE_FIELDS = ("mean", "std", "resnet_layers")
+
+
+def resnet_stride(layers: tuple[int, ...] | None, stem: str) -> int:
+    """How much a hybrid's ResNet shrinks the image: 4 for the ImageNet stem, then 2 for each
+    stage after the first (1 without a ResNet)."""
+    if layers is None:
+        return 1
+    return (4 if stem == "imagenet" else 1) * 2 ** (len(layers) - 1)
 
 
 def _resize_stat(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
@@ -199,6 +244,10 @@ PRESETS: dict[str, ViTConfig] = {
     "B/32": _paper("B", 32),
     "L/16": _paper("L", 16),
     "H/14": _paper("H", 14),
+    # The paper's hybrid: ResNet-50 with stage 4 removed and its blocks moved to stage 3
+    # (3, 4, 9), stride 16, its map cut into 1x1 "patches".
+    "R50+B/16": _paper("B", 1).replace(resnet_layers=(3, 4, 9)),
+    "R50+B/16@384": _paper("B", 1).replace(resnet_layers=(3, 4, 9), image_size=384),
     # Small images (MNIST-like 28x28 grey, CIFAR-like 32x32 colour): small patches, narrow
     # and shallow encoders, some regularisation by default; the suffix is the image size.
     "Ti/7@28": ViTConfig(
@@ -211,6 +260,11 @@ PRESETS: dict[str, ViTConfig] = {
         image_size=32, patch_size=4, width=192, depth=6, heads=3, drop_path=0.1, num_classes=10
     ),
 }
+# Small hybrids: the ImageNet-style stem (stride 4) and one stage of two bottlenecks make a
+# 256-channel map of 7x7 (28 px) or 8x8 (32 px) cells, each cell a token ("/4": 4 px apart).
+_SMALL_RESNET = {"resnet_layers": (2,), "resnet_width": 64, "patch_size": 1}
+PRESETS["R+Ti/4@28"] = PRESETS["Ti/4@28"].replace(**_SMALL_RESNET)
+PRESETS["R+Ti/4@32"] = PRESETS["Ti/4@32"].replace(**_SMALL_RESNET)
 
 
 def get_preset(name: str) -> ViTConfig:

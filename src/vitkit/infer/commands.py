@@ -1,4 +1,4 @@
-"""The `vitkit eval` and `vitkit predict` subcommands."""
+"""The `vitkit eval`, `vitkit predict` and `vitkit explain` subcommands."""
 
 from __future__ import annotations
 
@@ -47,6 +47,62 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--json", action="store_true", help="print one JSON array")
     p.set_defaults(func=cmd_predict)
     return p
+
+
+def add_explain_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from vitkit.infer.explain import METHODS
+
+    p = subparsers.add_parser("explain", help="draw which patches a prediction draws on")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory or shipped model name")
+    p.add_argument("image", metavar="IMAGE", help="an image file")
+    p.add_argument("--method", choices=METHODS, default="rollout")
+    p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean")
+    p.add_argument(
+        "--discard-ratio", type=float, default=0.0, help="rollout: drop this share of weakest links"
+    )
+    p.add_argument("--target", help="grad-rollout: the class to explain (default: the top one)")
+    p.add_argument("--out", type=Path, metavar="PNG", help="figure (default: IMAGE.explain.png)")
+    p.add_argument("--overlay", type=Path, metavar="PNG", help="also save the bare overlay")
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=cmd_explain)
+    return p
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from vitkit.data import DatasetError
+    from vitkit.infer.explain import explain_image
+
+    model = load_model(resolve_model_dir(args.model))
+    target = None
+    if args.target is not None:
+        names = model.labels or []
+        if args.target in names:
+            target = names.index(args.target)
+        elif args.target.isdigit() and int(args.target) < model.config.num_classes:
+            target = int(args.target)
+        else:
+            print(f"vitkit explain: error: unknown class {args.target!r}", file=sys.stderr)
+            return 2
+    try:
+        explanation = explain_image(
+            model,
+            args.image,
+            method=args.method,
+            top_k_labels=args.top_k,
+            head_fusion=args.head_fusion,
+            discard_ratio=args.discard_ratio,
+            target=target,
+        )
+    except DatasetError as e:
+        print(f"vitkit explain: error: {e}", file=sys.stderr)
+        return 1
+    out = explanation.save(args.out or Path(f"{args.image}.explain.png"))
+    if args.overlay:
+        explanation.overlay().save(args.overlay)
+    labels = ", ".join(f"{name} ({p:.1%})" for name, p in explanation.labels)
+    print(f"{args.image}: {labels}")
+    print(f"wrote {out}" + (f" and {args.overlay}" if args.overlay else ""))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -1,9 +1,15 @@
-"""Image -> patches -> tokens: one convolution whose kernel and stride are the patch size."""
+"""Image -> patches -> tokens: one convolution whose kernel and stride are the patch size.
+
+The hybrid model first turns the image into a CNN feature map and cuts that into patches.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from vitkit.config import ViTConfig
+from vitkit.model.resnet import ResNetV2
 
 
 class PatchEmbed(nn.Module):
@@ -12,15 +18,23 @@ class PatchEmbed(nn.Module):
     A Conv2d with kernel = stride = p is exactly "flatten each patch, multiply by E" of the paper.
     """
 
-    def __init__(self, patch_size: int, in_channels: int, width: int) -> None:
+    def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        c = config
+        self.in_channels, self.token_stride = c.in_channels, c.token_stride
+        self.backbone = (
+            ResNetV2(c.in_channels, c.resnet_layers, c.resnet_width, c.resnet_stem)
+            if c.resnet_layers is not None
+            else None
+        )
+        p = c.patch_size
+        self.proj = nn.Conv2d(c.cnn_channels, c.width, kernel_size=p, stride=p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, H/p * W/p, D), patches in row-major order."""
-        check_image_batch(x, self.in_channels, self.patch_size)
+        """(B, C, H, W) -> (B, H/s * W/s, D), tokens in row-major order (s: token stride)."""
+        check_image_batch(x, self.in_channels, self.token_stride)
+        if self.backbone is not None:
+            x = self.backbone(x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

@@ -1,6 +1,7 @@
 """The Vision Transformer (Dosovitskiy et al., 2021), top to bottom.
 
 image (B, C, H, W)
+  (-> hybrid only: ResNet-v2 feature map         resnet.py)
   -> patch embedding            (B, N, D)       patch_embed.py
   -> + position embeddings, prepend [CLS] (and registers)
   -> depth x pre-norm block     (B, T, D)       encoder.py
@@ -19,6 +20,7 @@ from torch import nn
 from vitkit.config import ViTConfig
 from vitkit.model.encoder import Block
 from vitkit.model.patch_embed import PatchEmbed
+from vitkit.model.resnet import resnet_macs
 
 
 class ViT(nn.Module):
@@ -27,7 +29,7 @@ class ViT(nn.Module):
         self.config = config
         self.labels: list[str] | None = None
         c = config
-        self.patch_embed = PatchEmbed(c.patch_size, c.in_channels, c.width)
+        self.patch_embed = PatchEmbed(c)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.class_token else None
         self.reg_token = (
             nn.Parameter(torch.zeros(1, c.num_registers, c.width)) if c.num_registers else None
@@ -74,7 +76,8 @@ class ViT(nn.Module):
     # -- tokens ---------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, T, D): patch tokens with position embeddings, prefix tokens first."""
-        grid = (x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size)
+        stride = self.config.token_stride
+        grid = (x.shape[-2] // stride, x.shape[-1] // stride)
         x = self.patch_embed(x)
         pos = self.pos_embed
         if grid != (self.config.grid_size,) * 2:  # any resolution: resample on the fly
@@ -170,11 +173,14 @@ def count_params(model: nn.Module) -> int:
 
 def flops(config: ViTConfig, image_size: int | None = None) -> int:
     """Forward FLOPs for one image (a multiply-add counts as 2), matmuls and convolutions only."""
-    size = image_size or config.image_size
-    n = (size // config.patch_size) ** 2
-    t = n + config.num_prefix_tokens
-    d, m = config.width, config.mlp_dim
-    patch = n * d * config.in_channels * config.patch_size**2
+    c = config
+    size = image_size or c.image_size
+    n = (size // c.token_stride) ** 2
+    t = n + c.num_prefix_tokens
+    d, m = c.width, c.mlp_dim
+    patch = n * d * c.cnn_channels * c.patch_size**2
+    if c.resnet_layers is not None:
+        patch += resnet_macs(c.in_channels, c.resnet_layers, c.resnet_width, c.resnet_stem, size)
     per_block = t * (3 * d * d + d * d + 2 * d * m) + 2 * t * t * d  # projections + QK^T, AV
-    head = d * config.num_classes
-    return 2 * (patch + config.depth * per_block + head)
+    head = d * c.num_classes
+    return 2 * (patch + c.depth * per_block + head)

@@ -149,10 +149,11 @@ def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
 def to_hf(model: ViT, directory: str | Path) -> Path:
     """Write a directory that `ViTForImageClassification.from_pretrained` loads."""
     c = model.config
-    if not c.class_token or c.pool != "cls" or c.num_registers or c.fc_norm or not c.cls_pos_embed:
+    plain = c.class_token and c.pool == "cls" and c.cls_pos_embed and c.resnet_layers is None
+    if not plain or c.num_registers or c.fc_norm:
         raise CheckpointError(
-            "Hugging Face's ViT has a [CLS]-pooled head only: this model "
-            "(mean pooling, registers or fc_norm) cannot be exported to it"
+            "Hugging Face's ViT is a plain ViT with a [CLS]-pooled head: this model "
+            "(mean pooling, registers, fc_norm or a hybrid CNN) cannot be exported to it"
         )
     directory = Path(directory)
     ours = model.state_dict()

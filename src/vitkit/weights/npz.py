@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitkit.config import ViTConfig
+from vitkit.config import ViTConfig, resnet_stride
 from vitkit.model.vit import ViT
 from vitkit.weights.foreign import grid_of
 from vitkit.weights.format import CheckpointError
@@ -23,6 +23,19 @@ from vitkit.weights.format import CheckpointError
 VIT_JAX_BLOCK = (1, 3, 2)
 BIG_VISION_BLOCK = (0, 0, 1)
 PREFIXES = ("", "opt/target/", "params/")
+# The hybrid's ResNet-v2 (vit_jax names -> timm/vitkit names under patch_embed.backbone.).
+RESNET_STEM = {"conv_root": "stem.conv", "gn_root": "stem.norm"}
+# Within unit j of block s: "block{s+1}/unit{j+1}/<jax>" -> "stages.{s}.blocks.{j}.<vitkit>".
+RESNET_UNIT = {
+    "conv1": "conv1",
+    "gn1": "norm1",
+    "conv2": "conv2",
+    "gn2": "norm2",
+    "conv3": "conv3",
+    "gn3": "norm3",
+    "conv_proj": "downsample.conv",
+    "gn_proj": "downsample.norm",
+}
 
 
 def from_npz(path: str | Path) -> ViT:
@@ -36,7 +49,7 @@ def from_npz(path: str | Path) -> ViT:
     prefix = next((p for p in PREFIXES if f"{p}embedding/kernel" in w), None)
     if prefix is None:
         raise CheckpointError(f"{path}: no embedding/kernel: not a ViT .npz checkpoint")
-    for unsupported in ("pre_logits/kernel", "MAPHead_0/probe", "conv_root/kernel"):
+    for unsupported in ("pre_logits/kernel", "MAPHead_0/probe"):
         if prefix + unsupported in w:
             raise CheckpointError(f"{path}: {unsupported.split('/')[0]} is not supported")
     big_vision = prefix == "params/" or f"{prefix}pos_embedding" in w
@@ -54,6 +67,9 @@ def from_npz(path: str | Path) -> ViT:
 
     kernel = get("embedding/kernel")  # (p, p, C, D)
     patch, _, channels, width = kernel.shape
+    resnet = _resnet_config(w, prefix)
+    if resnet:
+        channels = w[f"{prefix}conv_root/kernel"].shape[2]
     blocks = sorted(
         {
             int(m.group(1))
@@ -69,8 +85,9 @@ def from_npz(path: str | Path) -> ViT:
     if grid is None:
         raise CheckpointError(f"{path}: {positions} position embeddings are not a square grid")
     head = f"{prefix}head/kernel" in w
+    stride = patch * resnet_stride(resnet.get("resnet_layers"), resnet.get("resnet_stem", ""))
     config = ViTConfig(
-        image_size=grid * patch,
+        image_size=grid * stride,
         patch_size=patch,
         in_channels=channels,
         num_classes=w[f"{prefix}head/kernel"].shape[1] if head else 0,
@@ -83,6 +100,7 @@ def from_npz(path: str | Path) -> ViT:
         mean=(0.5,) * channels,  # Google's checkpoints take inputs scaled to [-1, 1]
         std=(0.5,) * channels,
         interpolation="bilinear",  # tf.image.resize's default in vit_jax and big_vision
+        **resnet,
     )
 
     def t(a: np.ndarray) -> torch.Tensor:
@@ -128,6 +146,52 @@ def from_npz(path: str | Path) -> ViT:
             ours + "mlp.fc2.weight": t(get(f"{b}MlpBlock_{mlp}/Dense_1/kernel").T),
             ours + "mlp.fc2.bias": t(get(f"{b}MlpBlock_{mlp}/Dense_1/bias")),
         }
+    if resnet:
+        state |= _resnet_state(get, resnet["resnet_layers"])
     model = ViT(config)
     model.load_state_dict(state)
     return model.eval()
+
+
+def _resnet_config(w: dict[str, np.ndarray], prefix: str) -> dict:
+    """The hybrid's ResNet settings (empty for a plain ViT) from the tensors' names and shapes."""
+    root = w.get(f"{prefix}conv_root/kernel")  # (k, k, C, width)
+    if root is None:
+        return {}
+    units: dict[int, int] = {}
+    for k in w:
+        if m := re.fullmatch(rf"{re.escape(prefix)}block(\d+)/unit(\d+)/conv1/kernel", k):
+            units[int(m[1])] = units.get(int(m[1]), 0) + 1
+    return {
+        "resnet_layers": tuple(units[b] for b in sorted(units)),
+        "resnet_width": root.shape[3],
+        "resnet_stem": "imagenet" if root.shape[0] == 7 else "small",
+    }
+
+
+def _resnet_state(get, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The ResNet's weights: HWIO kernels to OIHW, GroupNorm scale/bias to weight/bias."""
+
+    def convert(jax: str, ours: str) -> dict[str, torch.Tensor]:
+        out = {}
+        if jax.rsplit("/", 1)[-1].startswith("conv"):
+            kernel = get(f"{jax}/kernel").transpose(3, 2, 0, 1)
+            out[f"patch_embed.backbone.{ours}.weight"] = torch.from_numpy(
+                np.ascontiguousarray(kernel, dtype=np.float32)
+            )
+        else:
+            for jax_name, part in (("scale", "weight"), ("bias", "bias")):
+                value = get(f"{jax}/{jax_name}").reshape(-1).astype(np.float32)
+                out[f"patch_embed.backbone.{ours}.{part}"] = torch.from_numpy(value)
+        return out
+
+    state: dict[str, torch.Tensor] = {}
+    for jax, ours in RESNET_STEM.items():
+        state |= convert(jax, ours)
+    for s, depth in enumerate(layers):
+        for j in range(depth):
+            for jax, ours in RESNET_UNIT.items():
+                if j > 0 and "proj" in jax:
+                    continue  # only a stage's first unit projects its shortcut
+                state |= convert(f"block{s + 1}/unit{j + 1}/{jax}", f"stages.{s}.blocks.{j}.{ours}")
+    return state

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.config import ViTConfig
+from vitkit.config import ViTConfig, resnet_stride
 from vitkit.model.vit import ViT
 from vitkit.weights.foreign import default_heads, grid_of, read_state_dict
 from vitkit.weights.format import CheckpointError
@@ -39,12 +39,22 @@ TIMM_NAMES = (
     "blocks.{i}.mlp.fc2.bias",
     "norm.weight",
     "norm.bias",
+    # The hybrid's ResNet-v2 ({s}: stage, {i}: block, {n}: 1 to 3).
+    "patch_embed.backbone.stem.conv.weight",
+    "patch_embed.backbone.stem.norm.weight",
+    "patch_embed.backbone.stem.norm.bias",
+    "patch_embed.backbone.stages.{s}.blocks.{i}.conv{n}.weight",
+    "patch_embed.backbone.stages.{s}.blocks.{i}.norm{n}.weight",
+    "patch_embed.backbone.stages.{s}.blocks.{i}.norm{n}.bias",
+    "patch_embed.backbone.stages.{s}.blocks.{i}.downsample.conv.weight",
+    "patch_embed.backbone.stages.{s}.blocks.{i}.downsample.norm.weight",
+    "patch_embed.backbone.stages.{s}.blocks.{i}.downsample.norm.bias",
     "fc_norm.weight",
     "fc_norm.bias",
     "head.weight",
     "head.bias",
 )
-_PATTERN = re.compile("|".join(re.escape(n).replace(r"\{i\}", r"\d+") for n in TIMM_NAMES))
+_PATTERN = re.compile("|".join(re.sub(r"\\\{[isn]\\\}", r"\\d+", re.escape(n)) for n in TIMM_NAMES))
 
 
 def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -> ViTConfig:
@@ -54,7 +64,9 @@ def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -
         raise CheckpointError(f"not a plain timm ViT: unsupported tensors {', '.join(unknown[:8])}")
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise CheckpointError("not a timm ViT: no patch_embed.proj.weight or pos_embed")
-    width, channels, patch, _ = state["patch_embed.proj.weight"].shape
+    width, cnn_channels, patch, _ = state["patch_embed.proj.weight"].shape
+    resnet = resnet_from_timm(state)
+    channels = resnet["in_channels"] if resnet else cnn_channels
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     class_token = "cls_token" in state
     registers = state["reg_token"].shape[1] if "reg_token" in state else 0
@@ -67,8 +79,9 @@ def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -
     else:
         raise CheckpointError(f"pos_embed of {positions} positions is not a square grid")
     fc_norm = "fc_norm.weight" in state
+    stride = patch * resnet_stride(resnet.get("resnet_layers"), resnet.get("resnet_stem", ""))
     return ViTConfig(
-        image_size=grid * patch,
+        image_size=grid * stride,
         patch_size=patch,
         in_channels=channels,
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
@@ -85,7 +98,26 @@ def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
         interpolation="bicubic",  # the default_cfg of timm's ViTs
+        **{k: v for k, v in resnet.items() if k != "in_channels"},
     )
+
+
+def resnet_from_timm(state: dict[str, torch.Tensor]) -> dict:
+    """The hybrid's ResNet-v2 settings (empty for a plain ViT), from its tensors' shapes."""
+    stem = state.get("patch_embed.backbone.stem.conv.weight")
+    if stem is None:
+        return {}
+    blocks = re.compile(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.conv1\.weight")
+    per_stage: dict[int, int] = {}
+    for k in state:
+        if m := blocks.fullmatch(k):
+            per_stage[int(m[1])] = per_stage.get(int(m[1]), 0) + 1
+    return {
+        "in_channels": stem.shape[1],
+        "resnet_layers": tuple(per_stage[s] for s in sorted(per_stage)),
+        "resnet_width": stem.shape[0],
+        "resnet_stem": "imagenet" if stem.shape[-1] == 7 else "small",
+    }
 
 
 def from_timm(
