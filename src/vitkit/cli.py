@@ -217,7 +217,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "--grad-accum", type=int, metavar="K", help="K micro-batches a step in each process"
     )
     p.add_argument(
-        "--shard", action="store_true", default=None, help="FSDP2: shard the model (torchrun)"
+        "--shard", action="store_true", default=None, help="FSDP2 over the processes (torchrun)"
     )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)

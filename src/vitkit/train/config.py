@@ -20,7 +20,9 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
     max_steps: int | None = None  # stop early (the schedule still spans `epochs`)
-    batch_size: int = 256
+    batch_size: int = 256  # the global batch: all processes and micro-batches together
+    grad_accum: int = 1  # micro-batches per process and step, their gradients added up
+    shard: bool = False  # FSDP2: weights, gradients and optimiser state split across processes
     lr: float = 1e-3
     min_lr_factor: float = 0.01
     warmup_epochs: float = 1.0
@@ -56,8 +58,8 @@ class TrainConfig:
         cfg = cls(**d)
         if cfg.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
-        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lr <= 0:
+            raise ValueError("epochs, batch_size and grad_accum must be >= 1 and lr > 0")
         return cfg
 
 

@@ -1,13 +1,16 @@
 """The training loop: in-memory data, batched augmentation, AdamW, warmup + cosine, EMA,
-per-epoch evaluation, atomic checkpoints and exact resume.
+per-epoch evaluation, atomic checkpoints and exact resume, on one process or many (torchrun).
 
 Every step draws its randomness (batch order, augmentation, dropout) from generators seeded by
-(seed, epoch, step), so a run resumed from any step retraces the uninterrupted one exactly.
+(seed, epoch, step), so a run resumed from any step retraces the uninterrupted one exactly. With
+several processes, each trains on its slice of the same global batch, so the run follows the
+same course whatever their number (to rounding, and to dropout masks, drawn per micro-batch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import signal
 import time
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from vitkit.config import ViTConfig, get_preset
@@ -27,8 +31,10 @@ from vitkit.infer.evaluate import evaluate
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
-from vitkit.train.checkpoint import load_state, save_state
+from vitkit.train import checkpoint, distributed
+from vitkit.train.checkpoint import load_state
 from vitkit.train.config import TrainConfig
+from vitkit.train.distributed import World
 from vitkit.train.optim import build_optimizer, lr_factor
 from vitkit.weights import atomic_write, load_pretrained, save_model
 
@@ -171,37 +177,53 @@ def train(
     """Train a ViT as `cfg` says, writing everything into `run_dir` (itself a model dir).
 
     `datasets` (train, held-out) replaces loading `cfg.data`, e.g. for data already in memory.
+    Under torchrun every process calls this and trains on its part of each batch; rank 0
+    alone evaluates, logs and writes the model, and all return the same result.
     """
     run_dir = Path(run_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state = load_state(run_dir) if resume else None
     if state is not None:
         # The run's own settings hold, except how far to go this time.
         cfg = TrainConfig.from_dict(state["train_config"] | {"max_steps": cfg.max_steps})
+    with distributed.joined(distributed.pick_device(device), cfg.shard) as world:
+        return _train(cfg, run_dir, state, world, progress and world.main, datasets)
+
+
+def _train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    state: dict[str, Any] | None,
+    world: World,
+    progress: bool,
+    datasets: tuple[ImageDataset, ImageDataset] | None,
+) -> TrainResult:
+    dev = world.device
     model, train_ds, val_ds = _setup(cfg, state, datasets)
     model.to(dev)
     config = model.config
+    # Sharded, the model is nowhere whole: rank 0 keeps a plain copy to evaluate and save.
+    plain = copy.deepcopy(model) if cfg.shard and world.main else model
+    net = distributed.wrap(model, world, cfg.shard)  # what forward and backward run through
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     ema = [p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None
 
     steps_per_epoch = len(train_ds) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(train_ds)} training images")
+    parts = world.micro_batches(cfg.batch_size, cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
     step, best, history = 0, None, []
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            for e, saved in zip(ema, state["ema"], strict=True):
-                e.copy_(saved)
+        world.check_same(state["step"], "the step to resume from")
+        checkpoint.restore(model, optimizer, ema, state)
         step, best = state["step"], state["best_val_acc"]
         history = [m for m in _read_metrics(run_dir) if m["step"] <= step]
-    else:
+    elif world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
-    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history))
+    if world.main:
+        atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history))
 
     bf16 = use_bf16(cfg, config, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
@@ -211,19 +233,9 @@ def train(
     val_acc = None
     start = time.perf_counter()
 
-    def snapshot() -> dict[str, Any]:
-        return {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "ema": ema,
-            "best_val_acc": best,
-            "train_config": cfg.to_dict(),
-            "model_config": config.to_dict(),
-        }
-
     with _stop_on_sigint() as stop_requested:
-        while step < stop_after and not stop_requested():
+        stop = False  # Ctrl-C in any process, once all of them have heard of it
+        while step < stop_after and not stop:
             epoch = step // steps_per_epoch
             perm = torch.randperm(len(train_ds), generator=_gen(cfg.seed, epoch, -1)).to(dev)
             bar = tqdm(
@@ -237,20 +249,25 @@ def train(
             seen = correct = 0
             loss_sum = 0.0
             t0 = time.perf_counter()
-            model.train()
-            while step < stop_after and step // steps_per_epoch == epoch and not stop_requested():
+            net.train()
+            while step < stop_after and step // steps_per_epoch == epoch and not stop:
                 i = step % steps_per_epoch
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 gen = _gen(cfg.seed, epoch, i)
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout
+                dropout_seed = int(torch.randint(2**62, (1,), generator=gen))
+                # Every process augments the whole global batch and keeps its part: the random
+                # draws (and mixup's pairs) are then the same for any number of processes.
                 x, targets = transform(images[idx], labels[idx], gen)
                 lr = cfg.lr * lr_factor(step, total, warmup, cfg.min_lr_factor)
-                logits, loss = _step(model, optimizer, ema, x, targets, lr, cfg, autocast)
+                losses, hits = _step(
+                    net, model, optimizer, ema, x, targets, lr, cfg, autocast, parts, dropout_seed
+                )
                 step += 1
-                hard = targets if targets.ndim == 1 else targets.argmax(-1)
+                losses, hits, stops = world.sum([losses, hits, float(stop_requested())])
+                stop = stops > 0
                 seen += len(idx)
-                correct += int((logits.argmax(-1) == hard).sum())
-                loss_sum += loss.item() * len(idx)
+                correct += int(hits)
+                loss_sum += losses
                 bar.update()
                 bar.set_postfix(
                     loss=f"{loss_sum / seen:.3f}",
@@ -265,27 +282,36 @@ def train(
                 plot = (
                     step == stop_after or (step // steps_per_epoch) % max(1, cfg.epochs // 20) == 0
                 )
-                val_acc, best = _end_epoch(
-                    run_dir,
-                    model,
-                    ema,
-                    val_ds,
-                    autocast,
-                    best,
-                    {
-                        "epoch": step / steps_per_epoch,
-                        "step": step,
-                        "lr": lr,
-                        "train_loss": loss_sum / max(seen, 1),
-                        "train_acc": correct / max(seen, 1),
-                        "images_per_second": seen / (time.perf_counter() - t0),
-                        "elapsed_s": time.perf_counter() - start,
-                    },
-                    progress,
-                    plot,
-                )
-            save_state(run_dir, snapshot())
-        interrupted = stop_requested()
+                whole, whole_ema = _whole(model, plain, ema, cfg.shard, world)
+                if world.main:
+                    val_acc, best = _end_epoch(
+                        run_dir,
+                        whole,
+                        whole_ema,
+                        val_ds,
+                        autocast,
+                        best,
+                        {
+                            "epoch": step / steps_per_epoch,
+                            "step": step,
+                            "lr": lr,
+                            "train_loss": loss_sum / max(seen, 1),
+                            "train_acc": correct / max(seen, 1),
+                            "images_per_second": seen / (time.perf_counter() - t0),
+                            "elapsed_s": time.perf_counter() - start,
+                        },
+                        progress,
+                        plot,
+                    )
+                val_acc, best = world.broadcast((val_acc, best))
+            meta = {
+                "step": step,
+                "best_val_acc": best,
+                "train_config": cfg.to_dict(),
+                "model_config": config.to_dict(),
+            }
+            checkpoint.save(run_dir, model, optimizer, ema, meta, cfg.shard, world.main)
+        interrupted = stop
     if interrupted and progress:
         print(f"interrupted at step {step}; resume with: vitkit train --resume {run_dir}")
     return TrainResult(
@@ -294,6 +320,7 @@ def train(
 
 
 def _step(
+    net: nn.Module,
     model: ViT,
     optimizer: torch.optim.Optimizer,
     ema: list[torch.Tensor] | None,
@@ -302,21 +329,48 @@ def _step(
     lr: float,
     cfg: TrainConfig,
     autocast: torch.autocast,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step; returns the logits and the loss."""
+    parts: list[tuple[int, slice, float]],
+    dropout_seed: int,
+) -> tuple[float, int]:
+    """One optimisation step, on this process's micro-batches of the global batch (x, targets);
+    returns their summed loss and their number of correct predictions."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-    with autocast:
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    hard = targets if targets.ndim == 1 else targets.argmax(-1)
+    loss_sum, correct = 0.0, 0
+    for k, (j, part, weight) in enumerate(parts):
+        torch.manual_seed(dropout_seed + j)  # dropout, stochastic depth
+        with distributed.grad_sync(net, sync=k == len(parts) - 1):
+            with autocast:
+                logits = net(x[part])
+            loss = F.cross_entropy(
+                logits.float(), targets[part], label_smoothing=cfg.label_smoothing
+            )
+            (loss * weight).backward()
+        loss_sum += loss.item() * len(logits)
+        correct += int((logits.argmax(-1) == hard[part]).sum())
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     if ema is not None:
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - cfg.ema_decay)
-    return logits, loss
+        params = distributed.local(model.parameters())
+        torch._foreach_lerp_(distributed.local(ema), params, 1.0 - cfg.ema_decay)
+    return loss_sum, correct
+
+
+def _whole(
+    model: ViT, plain: ViT, ema: list[torch.Tensor] | None, sharded: bool, world: World
+) -> tuple[ViT, list[torch.Tensor] | None]:
+    """The model that rank 0 evaluates and saves, and the EMA weights to swap into it. Sharded,
+    every process helps gather the weights (the EMA's, if kept) into rank 0's plain copy."""
+    if not sharded:
+        return model, ema
+    with _weights(model, ema):
+        weights = distributed.full_state_dict(model)
+        if world.main:  # copied now: with one process on the CPU, the tensors are the model's
+            plain.load_state_dict(weights)
+    return plain, None
 
 
 def _end_epoch(
@@ -355,10 +409,10 @@ def _weights(model: ViT, ema: list[torch.Tensor] | None) -> Iterator[None]:
     if ema is None:
         yield
         return
-    params = list(model.parameters())
-    live = [p.detach().clone() for p in params]
+    params = distributed.local(model.parameters())
+    live = [p.clone() for p in params]
     with torch.no_grad():
-        torch._foreach_copy_(params, ema)
+        torch._foreach_copy_(params, distributed.local(ema))
     try:
         yield
     finally:
