@@ -283,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_command(sub)
     add_explain_command(sub)
 
+    from vitkit.infer.export_command import add_export_command
+    from vitkit.serve.commands import add_serve_command
+
+    add_export_command(sub)
+    add_serve_command(sub)
+
     p = sub.add_parser("convert", help="import timm, Hugging Face or Google weights; export")
     p.add_argument("src", metavar="SRC", help="timm weights, Google .npz, HF dir or model dir")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")

@@ -67,7 +67,8 @@ class ViTConfig:
         if self.image_size % self.token_stride:
             what = f"patch_size {self.patch_size}"
             if self.resnet_layers is not None:
-                what = f"the token stride {self.token_stride} (CNN stride {self.cnn_stride} x {what})"
+                stride = f"CNN stride {self.cnn_stride} x {what}"
+                what = f"the token stride {self.token_stride} ({stride})"
             raise ValueError(f"image_size {self.image_size} is not a multiple of {what}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")

@@ -1,0 +1,70 @@
+"""The `vitkit serve` subcommand: the HTTP service and web page, run by uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="classify images over HTTP: a JSON API and a web page (at /)"
+    )
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory or shipped model name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per model call")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more images once its first has arrived",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body")
+    p.add_argument(
+        "--max-megapixels", type=float, default=50.0, help="largest image, by its declared size"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vitkit.serve.app import create_app
+
+    app = create_app(
+        args.model,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_bytes=round(args.max_upload_mb * 1024 * 1024),
+        max_pixels=round(args.max_megapixels * 1_000_000),
+        device=args.device,
+    )
+    # Binding here, not in uvicorn, lets --port 0 report the port the system chose.
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            args.host, args.port, type=socket.SOCK_STREAM
+        )[0]
+        # With proto IPPROTO_TCP (not 0), asyncio sets TCP_NODELAY on each connection; without
+        # it, a response's header and body writes meet delayed ACKs and take 40 ms more.
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        where = f"{args.host}:{args.port}"
+        print(f"vitkit serve: error: cannot listen on {where}: {e}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"vitkit serve: {app.state.service.name} on http://{shown}:{port}/ "
+        f"(API docs at /docs; Ctrl-C stops)",
+        flush=True,
+    )
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,154 @@
+// The page: choose or drop an image, show the top labels and the attention overlay.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const TOP_K = 5;
+
+let current = null; // the image being shown (a File)
+let run = 0; // answers to an older choice are dropped
+const urls = { preview: null, overlay: null };
+
+function percent(p) {
+  return `${(p * 100).toFixed(1)}%`;
+}
+
+function showUrl(which, blob) {
+  if (urls[which]) URL.revokeObjectURL(urls[which]);
+  urls[which] = blob ? URL.createObjectURL(blob) : null;
+  if (urls[which]) $(which).src = urls[which];
+  else $(which).removeAttribute("src");
+}
+
+function setError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+
+async function post(path, file, params) {
+  const body = new FormData();
+  body.append("file", file);
+  const response = await fetch(`${path}?${new URLSearchParams(params)}`, { method: "POST", body });
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      message = (await response.json()).error || message;
+    } catch {
+      // not JSON: keep the status line
+    }
+    throw new Error(message);
+  }
+  return response;
+}
+
+function showLabels(labels) {
+  const [best] = labels;
+  $("top-label").textContent = best.label;
+  $("top-probability").textContent = `${percent(best.probability)} probability`;
+  const bars = $("bars");
+  bars.replaceChildren(
+    ...labels.map(({ label, probability }) => {
+      const item = document.createElement("li");
+      const name = document.createElement("span");
+      name.className = "name";
+      name.textContent = label;
+      name.title = label;
+      const track = document.createElement("span");
+      track.className = "track";
+      track.setAttribute("aria-hidden", "true"); // the percentage beside it says the same
+      const fill = document.createElement("span");
+      fill.className = "fill";
+      fill.style.width = `${(probability * 100).toFixed(2)}%`;
+      track.append(fill);
+      const value = document.createElement("span");
+      value.className = "value";
+      value.textContent = percent(probability);
+      item.append(name, track, value);
+      return item;
+    }),
+  );
+}
+
+async function explain(file, token) {
+  const method = $("method").value;
+  $("overlay-caption").textContent = `Where the model looked (${method})`;
+  showUrl("overlay", null);
+  const response = await post("/v1/explain", file, { method, top_k: 1 });
+  const blob = await response.blob();
+  if (token === run) showUrl("overlay", blob);
+}
+
+async function classify(file) {
+  const token = ++run;
+  current = file;
+  setError("");
+  $("status").textContent = `Classifying ${file.name || "the image"}…`;
+  showUrl("preview", file);
+  $("result").hidden = true;
+  const predicted = post("/v1/predict", file, { top_k: TOP_K }).then(async (response) => {
+    const { labels } = await response.json();
+    if (token !== run) return;
+    showLabels(labels);
+    $("result").hidden = false;
+  });
+  const explained = explain(file, token);
+  const [labels, overlay] = await Promise.allSettled([predicted, explained]);
+  if (token !== run) return;
+  if (labels.status === "rejected") {
+    $("status").textContent = "";
+    setError(`Could not classify this file: ${labels.reason.message}`);
+    return;
+  }
+  $("status").textContent = `${file.name || "The image"}: ${$("top-label").textContent}.`;
+  if (overlay.status === "rejected") {
+    setError(`Could not draw the attention map: ${overlay.reason.message}`);
+  }
+}
+
+async function reexplain() {
+  if (!current) return;
+  const token = ++run;
+  setError("");
+  try {
+    await explain(current, token);
+  } catch (error) {
+    if (token === run) setError(`Could not explain this image: ${error.message}`);
+  }
+}
+
+async function describeModel() {
+  try {
+    const model = await (await fetch("/v1/model")).json();
+    const p = model.preprocessing;
+    const colour = p.channels === 1 ? "greyscale" : "colour";
+    $("model-info").textContent =
+      `Model ${model.name}: ${model.labels.length} classes, ` +
+      `${p.image_size} × ${p.image_size} px ${colour} input.`;
+  } catch {
+    $("model-info").textContent = "The model's description is not available.";
+  }
+}
+
+function setUp() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => {
+    const [file] = event.target.files;
+    if (file) classify(file);
+  });
+  $("method").addEventListener("change", reexplain);
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, () => drop.classList.add("dragging"));
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
+  // Drops are taken anywhere on the page: a file dropped beside the zone would otherwise
+  // replace the page.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("dragging");
+    const [file] = event.dataTransfer.files;
+    if (file) classify(file);
+  });
+  describeModel();
+}
+
+setUp();
