@@ -61,7 +61,7 @@ def evaluate(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if dataset.labels.min() < 0 or dataset.labels.max() >= n:
         raise ValueError(f"dataset {dataset.name!r} has labels outside 0..{n - 1}")
-    order = _class_order(model.labels, dataset.classes)
+    order = class_order(model.labels, dataset.classes)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     k = min(5, n)
@@ -115,7 +115,7 @@ def evaluate(
     )
 
 
-def _class_order(labels: list[str] | None, classes: list[str]) -> list[int] | None:
+def class_order(labels: list[str] | None, classes: list[str]) -> list[int] | None:
     """Model output columns in dataset class order, where both name the same classes
     differently ordered (a folder dataset sorts its classes; a model keeps its own order)."""
     if labels is None or labels == classes or len(set(labels)) != len(labels):

@@ -31,7 +31,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from vitkit.config import ViTConfig
 from vitkit.data import ImageDataset
-from vitkit.infer.evaluate import _class_order
+from vitkit.infer.evaluate import class_order
 from vitkit.infer.predict import preprocess
 from vitkit.model.vit import ViT
 from vitkit.weights.format import atomic_write
@@ -267,7 +267,7 @@ def compare_precisions(
             f"dataset {dataset.name!r} has {len(dataset.classes)} classes, the model "
             f"{c.num_classes}"
         )
-    order = _class_order(model.labels, dataset.classes)
+    order = class_order(model.labels, dataset.classes)
     with _eval_fp32_cpu(model) as m:
         runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
             "PyTorch fp32": m,
