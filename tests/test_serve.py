@@ -403,7 +403,19 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "stderr.txt"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, "fashion-mnist", "--port", "0", "--log-level", "warning"],
+            # fp32: int8 would spend a minute compiling (tests/test_optimize.py covers it).
+            [
+                sys.executable,
+                "-c",
+                SERVE,
+                "fashion-mnist",
+                "--port",
+                "0",
+                "--precision",
+                "fp32",
+                "--log-level",
+                "warning",
+            ],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,

@@ -2,6 +2,7 @@
 
 from vitkit.config import PRESETS, ViTConfig
 from vitkit.infer import Classifier, Prediction, evaluate, probabilities, top_k
+from vitkit.infer.optimize import OptimizedViT, optimize
 from vitkit.model import ViT
 from vitkit.model.factory import create_model
 from vitkit.weights import CheckpointError, load_model, load_pretrained, save_model
@@ -12,6 +13,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "Classifier",
+    "OptimizedViT",
     "Prediction",
     "ViT",
     "ViTConfig",
@@ -19,6 +21,7 @@ __all__ = [
     "evaluate",
     "load_model",
     "load_pretrained",
+    "optimize",
     "probabilities",
     "save_model",
     "top_k",

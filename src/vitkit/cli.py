@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_command(sub)
     add_serve_command(sub)
 
+    from vitkit.benchmark import add_bench_command
+
+    add_bench_command(sub)
+
     p = sub.add_parser("convert", help="import timm, Hugging Face or Google weights; export")
     p.add_argument("src", metavar="SRC", help="timm weights, Google .npz, HF dir or model dir")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vitkit.infer.evaluate import EvalReport, evaluate, save_report
+from vitkit.infer.optimize import PRECISIONS, optimize
 from vitkit.infer.predict import Classifier, expand_inputs
 from vitkit.weights.format import SHIPPED_DIR, load_model, resolve_model_dir
 
@@ -31,6 +32,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "the model directory is read-only or shipped)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_precision_argument(p, "fp32")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -45,8 +47,19 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON array")
+    add_precision_argument(p, "auto")
     p.set_defaults(func=cmd_predict)
     return p
+
+
+def add_precision_argument(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=default,
+        help=f"inference precision (default: {default}); auto: the fastest mode that keeps "
+        "accuracy on this hardware (bf16, or int8 for longer work), fp32: exact",
+    )
 
 
 def add_explain_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -125,12 +138,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{reason}",
             file=sys.stderr,
         )
-    report = evaluate(model, dataset, batch_size=args.batch_size)
+    fast = optimize(model, args.precision)
+    report = evaluate(fast, dataset, batch_size=args.batch_size)
     out = save_report(report, args.out or _default_out(directory), dataset.classes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_report(report, f"{dataset.name or args.data} {args.split}")
+        _print_report(report, f"{dataset.name or args.data} {args.split}, {fast.precision}")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
     return 0
 
@@ -162,7 +176,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         print(f"vitkit predict: error: no image files in {', '.join(args.inputs)}", file=sys.stderr)
         return 2
-    classifier = Classifier(args.model, device=args.device, batch_size=args.batch_size)
+    classifier = Classifier(
+        args.model,
+        device=args.device,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        num_images=len(paths),
+    )
     predictions = classifier.predict(paths, top_k=args.top_k)
     for p in predictions:
         if p.error is not None:

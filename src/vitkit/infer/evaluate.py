@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vitkit.data import ImageDataset
+from vitkit.infer.optimize import OptimizedViT, input_spec
 from vitkit.infer.predict import preprocess
 from vitkit.model.vit import ViT
 from vitkit.weights.format import atomic_write
@@ -43,7 +44,10 @@ class EvalReport:
 
 @torch.no_grad()
 def evaluate(
-    model: ViT, dataset: ImageDataset, batch_size: int = 256, progress: bool = True
+    model: ViT | OptimizedViT,
+    dataset: ImageDataset,
+    batch_size: int = 256,
+    progress: bool = True,
 ) -> EvalReport:
     """Score `model` on every image of `dataset`, on the device the model is on.
 
@@ -62,8 +66,7 @@ def evaluate(
     if dataset.labels.min() < 0 or dataset.labels.max() >= n:
         raise ValueError(f"dataset {dataset.name!r} has labels outside 0..{n - 1}")
     order = class_order(model.labels, dataset.classes)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = input_spec(model)
     k = min(5, n)
     correct1 = torch.zeros((), dtype=torch.long, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)

@@ -18,6 +18,7 @@ from vitkit.data import DatasetError
 from vitkit.data.folder import load_image
 from vitkit.data.transforms import normalize, resize, to_float
 from vitkit.infer.labels import top_k as top_k_labels
+from vitkit.infer.optimize import optimize
 from vitkit.model.vit import ViT
 from vitkit.weights.format import load_model
 
@@ -105,14 +106,17 @@ class Classifier:
         model_or_dir: ViT | str | Path,
         device: str | torch.device = "cpu",
         batch_size: int = 64,
+        precision: str = "fp32",
+        num_images: int | None = None,
     ) -> None:
+        """`precision`: "fp32" (exact), "bf16", "int8" or "auto", as in `vitkit.optimize`
+        (`num_images`: how many images are expected, which "auto" weighs)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         model = model_or_dir if isinstance(model_or_dir, ViT) else load_model(model_or_dir)
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = optimize(model.to(self.device).eval(), precision, num_images=num_images)
         self.batch_size = batch_size
-        self._dtype = next(self.model.parameters()).dtype
 
     @property
     def config(self) -> ViTConfig:
@@ -148,8 +152,7 @@ class Classifier:
         if not ok:
             return results
         with torch.inference_mode():
-            x = torch.cat(inputs).to(self.device, self._dtype)
-            logits = self.model(x)
+            logits = self.model(torch.cat(inputs))
         for i, labels in zip(ok, top_k_labels(logits, k, self.model.labels), strict=True):
             results[i].labels = labels
         return results

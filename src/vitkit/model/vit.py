@@ -28,6 +28,8 @@ class ViT(nn.Module):
         super().__init__()
         self.config = config
         self.labels: list[str] | None = None
+        # Sample training images (uint8) that int8 inference calibrates on; see optimize.py.
+        self.calibration: torch.Tensor | None = None
         c = config
         self.patch_embed = PatchEmbed(c)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.class_token else None

@@ -46,6 +46,7 @@ from vitkit import __version__
 from vitkit.config import ViTConfig
 from vitkit.data.folder import load_image
 from vitkit.infer.labels import top_k as top_k_labels
+from vitkit.infer.optimize import OptimizedViT, input_spec, optimize
 from vitkit.infer.predict import preprocess
 from vitkit.model.vit import ViT, count_params
 from vitkit.weights.format import load_model, resolve_model_dir
@@ -138,11 +139,10 @@ class MicroBatcher:
     the model is never used by two threads at once. Start and stop it inside the event loop.
     """
 
-    def __init__(self, model: ViT, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, model: ViT | OptimizedViT, max_batch: int, max_wait_ms: float) -> None:
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000
         self.batch_sizes: Counter[int] = Counter()  # batch size -> how many batches
-        param = next(model.parameters())
-        self._device, self._dtype = param.device, param.dtype
+        self._device, self._dtype = input_spec(model)
         self._queue: asyncio.Queue[_Job] | None = None
         self._incoming = 0  # requests being read or decoded, on their way to the queue
         self._task: asyncio.Task[None] | None = None
@@ -380,10 +380,13 @@ def create_app(
     *,
     device: str | torch.device = "cpu",
     name: str | None = None,
+    precision: str = "fp32",
 ) -> FastAPI:
     """The service for one model: a `ViT`, a model directory, or a shipped model's name.
 
     `name` (default: the directory's name, or "model") is reported with every prediction.
+    `precision` is that of `vitkit.optimize` for predictions ("auto" in `vitkit serve`);
+    explanations always run in fp32.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -398,11 +401,13 @@ def create_app(
         model, name = load_model(directory), name or directory.name
     model = model.to(device).eval()
     config = model.config
+    fast = optimize(model, precision)
     service = _Service(
-        name, MicroBatcher(model, max_batch, max_wait_ms), max_upload_bytes, max_pixels
+        name, MicroBatcher(fast, max_batch, max_wait_ms), max_upload_bytes, max_pixels
     )
     info = {
         "name": name,
+        "precision": fast.precision,
         "parameters": count_params(model),
         "config": config.to_dict(),
         "labels": model.labels or [str(i) for i in range(config.num_classes)],

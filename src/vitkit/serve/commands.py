@@ -6,6 +6,8 @@ import argparse
 import socket
 import sys
 
+from vitkit.infer.commands import add_precision_argument
+
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -26,6 +28,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--max-megapixels", type=float, default=50.0, help="largest image, by its declared size"
     )
     p.add_argument("--device", default="cpu")
+    add_precision_argument(p, "auto")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -34,6 +37,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from vitkit.infer.optimize import int8_batch_sizes
     from vitkit.serve.app import create_app
 
     app = create_app(
@@ -43,7 +47,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=round(args.max_upload_mb * 1024 * 1024),
         max_pixels=round(args.max_megapixels * 1_000_000),
         device=args.device,
+        precision=args.precision,
     )
+    fast = app.state.service.batcher.model
+    if fast.precision == "int8":  # compile every batch size now, not in the first requests
+        sizes = int8_batch_sizes(args.max_batch)
+        print(f"vitkit serve: compiling int8 for batches of {sizes}...", file=sys.stderr)
+        seconds = sum(fast.warm_up(n) for n in sizes)
+        print(f"vitkit serve: compiled in {seconds:.0f} s", file=sys.stderr)
     # Binding here, not in uvicorn, lets --port 0 report the port the system chose.
     try:
         family, kind, proto, _, address = socket.getaddrinfo(

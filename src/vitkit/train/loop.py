@@ -28,6 +28,7 @@ from vitkit.config import ViTConfig, get_preset
 from vitkit.data import ImageDataset, dataset_stats, load_dataset
 from vitkit.data.transforms import TrainTransform
 from vitkit.infer.evaluate import evaluate
+from vitkit.infer.optimize import calibration_sample
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
@@ -81,10 +82,14 @@ def model_config(cfg: TrainConfig, train: ImageDataset) -> ViTConfig:
 
 
 def use_bf16(cfg: TrainConfig, config: ViTConfig, device: torch.device) -> bool:
-    """bf16 autocast where it pays: measured on a 2-core AVX-512-bf16 CPU, it halves step time
-    for width >= 192 but not below (small matmuls are dominated by casts)."""
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
+    return auto_bf16(config, device)
+
+
+def auto_bf16(config: ViTConfig, device: torch.device) -> bool:
+    """bf16 autocast where it pays: measured on a 2-core AVX-512-bf16 CPU, it halves step time
+    for width >= 192 but not below (small matmuls are dominated by casts)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -128,6 +133,7 @@ def _setup(
     else:
         model = create_model(config or model_config(cfg, train_ds), seed=cfg.seed)
     model.labels = train_ds.classes
+    model.calibration = calibration_sample(train_ds.images, cfg.seed)
     if cfg.linear_probe:  # train the head only
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))

@@ -1,4 +1,5 @@
-"""vitkit's checkpoint format: a directory with config.json, model.safetensors, labels.json.
+"""vitkit's checkpoint format: a directory with config.json, model.safetensors, labels.json
+and, for trained models, calibration.safetensors (sample images for int8 inference).
 
 No pickle anywhere: weights are safetensors, metadata is JSON, every file is written
 atomically (temporary file, then rename) so an interrupted save never leaves a torn file.
@@ -22,6 +23,7 @@ from vitkit.model.vit import ViT
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LABELS_FILE = "labels.json"
+CALIBRATION_FILE = "calibration.safetensors"
 # Names that mean a model shipped inside the package (see `shipped/`).
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped"
 
@@ -61,6 +63,9 @@ def save_model(model: ViT, directory: str | Path, labels: list[str] | None = Non
     atomic_write(directory / WEIGHTS_FILE, save_safetensors(tensors, metadata={"format": "pt"}))
     if labels is not None:
         atomic_write(directory / LABELS_FILE, json.dumps(labels, indent=1) + "\n")
+    if model.calibration is not None:
+        images = {"images": model.calibration.cpu().contiguous()}
+        atomic_write(directory / CALIBRATION_FILE, save_safetensors(images))
     atomic_write(directory / CONFIG_FILE, model.config.to_json())
     return directory
 
@@ -94,6 +99,7 @@ def load_model(dir_or_name: str | Path, image_size: int | None = None) -> ViT:
     model = ViT(config)
     load_weights(model, directory / WEIGHTS_FILE)
     model.labels = load_labels(directory, config.num_classes)
+    model.calibration = load_calibration(directory, config.in_channels)
     if image_size is not None:
         model.set_image_size(image_size)
     return model.eval()
@@ -146,6 +152,21 @@ def load_labels(directory: Path, num_classes: int) -> list[str] | None:
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return labels
+
+
+def load_calibration(directory: Path, channels: int) -> torch.Tensor | None:
+    """The sample images saved with a trained model, uint8 (N, C, H, W), if any."""
+    path = directory / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    images = read_safetensors(path).get("images")
+    if images is None or images.dtype != torch.uint8 or images.ndim != 4:
+        raise CheckpointError(f"{path}: expected one uint8 (N, C, H, W) tensor named 'images'")
+    if images.shape[0] == 0 or images.shape[1] != channels:
+        raise CheckpointError(
+            f"{path}: {tuple(images.shape)} images for a {channels}-channel model"
+        )
+    return images
 
 
 def _check_labels(labels: object, num_classes: int) -> None:

@@ -1,0 +1,362 @@
+"""`vitkit bench`: vitkit against timm and Hugging Face in one process, on the same weights.
+
+Every implementation runs the same architecture with the same (converted) weights, batch,
+resolution and precision; runs alternate between implementations, so that a machine that
+speeds up or slows down affects all of them alike, and the median of the rounds is kept.
+The machine's fp32 and bf16 matmul peaks are measured in the same run: each result is also a
+fraction of them. Peers (timm, transformers) are optional: missing ones are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.config import get_preset
+from vitkit.infer.optimize import fast_precisions, optimize
+from vitkit.model.factory import create_model
+from vitkit.model.vit import ViT, flops
+
+# vitkit preset -> timm model name (the same architecture).
+TIMM_NAMES = {
+    "Ti/16": "vit_tiny_patch16_224",
+    "S/16": "vit_small_patch16_224",
+    "B/16": "vit_base_patch16_224",
+}
+TRAIN_BATCH = {"Ti/7@28": 256, "S/16": 32}
+
+
+@dataclass
+class Result:
+    task: str  # "infer" or "train"
+    model: str
+    batch: int
+    impl: str  # vitkit, timm, hf
+    mode: str  # e.g. fp32, bf16-autocast, bf16-compiled, int8
+    seconds: float  # median seconds per batch (inference) or per step (training)
+    images_per_second: float
+    tflops: float
+    setup_seconds: float  # conversion, quantisation and compilation before the first run
+
+
+# -- the machine ----------------------------------------------------------------------------
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best TFLOP/s of a square matmul in `dtype` on this CPU's threads."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e12
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# -- peers ----------------------------------------------------------------------------------
+_torchvision_ops: torch.library.Library | None = None
+
+
+def import_timm() -> Any:
+    """timm, whose import needs torchvision: PyPI's torchvision is a CUDA build whose compiled
+    ops can't load beside the CPU torch wheel, but it only needs their schemas to import, and
+    no ViT uses those ops. Declares them when they are missing, then imports timm."""
+    global _torchvision_ops
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - already defined (a working torchvision)
+    except (AttributeError, RuntimeError):
+        if _torchvision_ops is None:
+            _torchvision_ops = torch.library.Library("torchvision", "DEF")
+            _torchvision_ops.define(
+                "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+            )
+            _torchvision_ops.define(
+                "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+            )
+    import timm
+
+    return timm
+
+
+def timm_model(model: ViT) -> nn.Module:
+    from vitkit.weights.timm import to_timm
+
+    c = model.config
+    net = import_timm().models.VisionTransformer(
+        img_size=c.image_size,
+        patch_size=c.patch_size,
+        in_chans=c.in_channels,
+        num_classes=c.num_classes,
+        embed_dim=c.width,
+        depth=c.depth,
+        num_heads=c.heads,
+        mlp_ratio=c.mlp_dim / c.width,
+    )
+    net.load_state_dict(to_timm(model))
+    return net
+
+
+def hf_model(model: ViT) -> nn.Module:
+    from transformers import ViTForImageClassification
+
+    from vitkit.weights.hf import to_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        to_hf(model, tmp)
+        net = ViTForImageClassification.from_pretrained(tmp, attn_implementation="sdpa")
+    return _Logits(net)
+
+
+class _Logits(nn.Module):
+    """A Hugging Face model that returns the logits tensor, like the others."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=x).logits
+
+
+def peers(model: ViT) -> dict[str, nn.Module]:
+    """The peer implementations installed here, each with `model`'s weights."""
+    out = {}
+    for name, build in (("timm", timm_model), ("hf", hf_model)):
+        try:
+            out[name] = build(model).eval()
+        except ImportError as e:
+            print(f"  ({name} skipped: {e})")
+    return out
+
+
+# -- inference ------------------------------------------------------------------------------
+def inference_modes(model: ViT, batch: int) -> Iterator[tuple[str, str, Callable, float]]:
+    """(impl, mode, fn, setup seconds) for every implementation and precision measured."""
+    model = model.eval()
+    fast = fast_precisions()
+    yield "vitkit", "fp32", optimize(model, "fp32"), 0.0
+    for mode in ("bf16", "int8"):
+        if mode not in fast:
+            continue
+        start = time.perf_counter()
+        net = optimize(model, mode, calibration=_calibration(model))
+        yield "vitkit", mode, net, time.perf_counter() - start
+    for impl, net in peers(model).items():
+        yield impl, "fp32", net, 0.0
+        if "bf16" not in fast:
+            continue
+
+        def autocast(x: torch.Tensor, net: nn.Module = net) -> torch.Tensor:
+            with torch.autocast("cpu", torch.bfloat16):
+                return net(x)
+
+        yield impl, "bf16-autocast", autocast, 0.0
+        compiled = torch.compile(copy.deepcopy(net).to(torch.bfloat16))
+
+        def run(x: torch.Tensor, compiled: Callable = compiled) -> torch.Tensor:
+            with torch._inductor.config.patch(freezing=True):
+                return compiled(x.to(torch.bfloat16))
+
+        yield impl, "bf16-compiled", run, 0.0
+
+
+def _calibration(model: ViT) -> torch.Tensor:
+    """Random images to calibrate int8 on: speed does not depend on what the images show."""
+    c = model.config
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (32, c.in_channels, c.image_size, c.image_size), generator=gen)
+
+
+def bench_inference(preset: str, batch: int, rounds: int) -> list[Result]:
+    model = create_model(preset, num_classes=1000, seed=0)
+    c = model.config
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size)
+    # Batch 1 is timed over several calls per round, so that each round lasts long enough.
+    calls = max(1, 16 // batch)
+    runs: dict[tuple[str, str], Callable] = {}
+    setup: dict[tuple[str, str], float] = {}
+    with torch.inference_mode():
+        for impl, mode, fn, seconds in inference_modes(model, batch):
+            seconds += _seconds(lambda fn=fn: fn(x))  # first call: compiles, if compiled
+            fn(x)
+            runs[impl, mode], setup[impl, mode] = fn, seconds
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+        for _ in range(rounds):
+            for key, fn in runs.items():
+                times[key].append(_seconds(lambda fn=fn: [fn(x) for _ in range(calls)]) / calls)
+    per_image = flops(c)
+    out = []
+    for (impl, mode), ts in times.items():
+        sec = statistics.median(ts)
+        ips = batch / sec
+        out.append(
+            Result(
+                "infer",
+                preset,
+                batch,
+                impl,
+                mode,
+                sec,
+                ips,
+                ips * per_image / 1e12,
+                setup[impl, mode],
+            )
+        )
+    return out
+
+
+# -- training -------------------------------------------------------------------------------
+def bench_training(preset: str, rounds: int) -> list[Result]:
+    """Steps of AdamW (fused) on cross-entropy at the precision vitkit's training chooses."""
+    from vitkit.train.loop import auto_bf16
+
+    batch = TRAIN_BATCH.get(preset, 32)
+    config = get_preset(preset)
+    classes = 10 if config.image_size < 64 else 1000
+    model = create_model(config.replace(num_classes=classes), seed=0)
+    c = model.config
+    bf16 = auto_bf16(c, torch.device("cpu"))
+    mode = "bf16-autocast" if bf16 else "fp32"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    nets = {"vitkit": copy.deepcopy(model)} | peers(model)
+    steps = {impl: _train_step(net.train(), x, y, bf16) for impl, net in nets.items()}
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    for _ in range(rounds):
+        for impl, step in steps.items():
+            times[impl].append(_seconds(step))
+    per_image = 3 * flops(c)  # forward + backward (twice the forward)
+    out = []
+    for impl, ts in times.items():
+        sec = statistics.median(ts)
+        ips = batch / sec
+        out.append(
+            Result("train", preset, batch, impl, mode, sec, ips, ips * per_image / 1e12, 0.0)
+        )
+    return out
+
+
+def _train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable:
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# -- report ---------------------------------------------------------------------------------
+def report(results: list[Result], peaks: dict[str, float]) -> str:
+    """A table of every result, then vitkit's best against each peer's best and eager bf16."""
+    lines = [
+        f"{'task':5} {'model':8} {'batch':>5} {'impl':6} {'mode':14} {'img/s':>9} "
+        f"{'ms/batch':>9} {'TFLOP/s':>8} {'%fp32pk':>8} {'%bf16pk':>8} {'setup s':>8}"
+    ]
+    for r in results:
+        lines.append(
+            f"{r.task:5} {r.model:8} {r.batch:>5} {r.impl:6} {r.mode:14} "
+            f"{r.images_per_second:9.1f} {r.seconds * 1000:9.1f} {r.tflops:8.3f} "
+            f"{r.tflops / peaks['fp32']:8.0%} {r.tflops / peaks['bf16']:8.0%} "
+            f"{r.setup_seconds:8.1f}"
+        )
+    lines.append("")
+    groups: dict[tuple[str, str, int], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.task, r.model, r.batch), []).append(r)
+    for (task, model, batch), rs in groups.items():
+        ours = max((r for r in rs if r.impl == "vitkit"), key=lambda r: r.images_per_second)
+        for impl in ("timm", "hf"):
+            theirs = [r for r in rs if r.impl == impl]
+            if not theirs:
+                continue
+            best = max(theirs, key=lambda r: r.images_per_second)
+            text = (
+                f"{task} {model} batch {batch}: vitkit {ours.mode} / {impl} fastest "
+                f"({best.mode}) = {ours.images_per_second / best.images_per_second:.2f}x"
+            )
+            eager = [r for r in theirs if r.mode == "bf16-autocast"]
+            if eager and task == "infer":
+                ratio = ours.images_per_second / eager[0].images_per_second
+                text += f"; / {impl} eager bf16 autocast = {ratio:.2f}x"
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="speed against timm and Hugging Face, in one process, as ratios"
+    )
+    p.add_argument("--models", nargs="+", default=list(TIMM_NAMES), help="presets for inference")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 32], help="inference batches")
+    p.add_argument(
+        "--train",
+        nargs="*",
+        default=None,
+        metavar="PRESET",
+        help=f"also time training steps (default presets: {', '.join(TRAIN_BATCH)})",
+    )
+    p.add_argument("--no-infer", action="store_true", help="training only")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(
+        f"{threads} threads; matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
+        f"bf16 {peaks['bf16']:.3f} TFLOP/s; fast modes here: "
+        f"{', '.join(fast_precisions()) or 'none'}",
+        flush=True,
+    )
+    results: list[Result] = []
+    if not args.no_infer:
+        for preset in args.models:
+            for batch in args.batch:
+                print(f"inference {preset} batch {batch}...", flush=True)
+                with _quiet():
+                    results += bench_inference(preset, batch, args.rounds)
+    train = list(TRAIN_BATCH) if args.train == [] else args.train or []
+    for preset in train:
+        print(f"training {preset}...", flush=True)
+        with _quiet():
+            results += bench_training(preset, args.rounds)
+    print(report(results, peaks))
+    if args.json:
+        payload = {"threads": threads, "peaks": peaks, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Compilers' and converters' warnings are not results."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

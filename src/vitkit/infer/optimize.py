@@ -1,0 +1,250 @@
+"""Fast inference: the same predictions in bf16 or int8 where the hardware runs them faster.
+
+    fp32  the model as it is: exact.
+    bf16  bf16 weights and activations (attention as plain matmuls on CPUs, see
+          `explicit_attention`); on CPUs with AVX-512-bf16 or AMX, and on GPUs.
+    int8  PyTorch 2 export quantisation with torchao's x86 inductor quantiser: every encoder
+          linear layer in int8 (weights per channel, activations per tensor, calibrated on
+          sample images), attention maths in bf16, patch embedding and head kept in fp32;
+          compiled with inductor. On x86 CPUs with VNNI or AMX.
+    auto  int8 where the CPU has int8 dot products and calibration images are at hand
+          (a trained model carries them), else bf16 where supported, else fp32.
+
+Measured accuracy and speed of each mode are in BENCHMARKS.md (`vitkit bench`,
+`bench/precision_accuracy.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+import warnings
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vitkit.config import ViTConfig
+from vitkit.model.encoder import Attention
+from vitkit.model.vit import ViT
+
+# Inductor's int8 lowering warns about its own tensor copies on every compile.
+warnings.filterwarnings(
+    "ignore", "To copy construct from a tensor", UserWarning, r"torch\._inductor\.mkldnn"
+)
+
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
+# Images the int8 calibration looks at; more changes the scales little and costs time.
+CALIBRATION_IMAGES = 128
+CALIBRATION_BYTES = 8_000_000
+# int8 compiles each batch size (10-30 s for S/16 on 2 cores): fewer images than this are
+# classified sooner in bf16.
+INT8_MIN_IMAGES = 2000
+# Largest batch one compiled int8 call takes; larger batches are split.
+MAX_BATCH = 64
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def fast_precisions(device: str | torch.device = "cpu") -> list[str]:
+    """The reduced precisions this device runs faster than fp32, fastest first."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ["bf16"] if torch.cuda.is_bf16_supported() else []
+    if device.type != "cpu":
+        return []
+    flags = cpu_flags()
+    modes = []
+    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"} and torch.backends.mkldnn.is_available():
+        modes.append("int8")
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        modes.append("bf16")
+    return modes
+
+
+def resolve_precision(
+    precision: str, device: str | torch.device = "cpu", allow_int8: bool = True
+) -> str:
+    """The concrete mode for `precision` on `device` ("auto" picks; the others are checked)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    fast = fast_precisions(device)
+    if precision == "auto":
+        usable = [p for p in fast if p != "int8" or allow_int8]
+        return usable[0] if usable else "fp32"
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError("int8 inference runs on x86 CPUs only; use bf16 on this device")
+    return precision
+
+
+def int8_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a compiled int8 model runs up to `max_batch` images as: powers of two."""
+    top = 1 << (min(max_batch, MAX_BATCH) - 1).bit_length()
+    return [1 << i for i in range(top.bit_length())]
+
+
+class OptimizedViT(nn.Module):
+    """A ViT for inference in one precision: normalised fp32 images in, fp32 logits out.
+
+    It keeps the source model's `config` and `labels`, so it can stand in for a `ViT`
+    wherever only predictions are needed.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        config: ViTConfig,
+        labels: list[str] | None,
+        precision: str,
+        input_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.config, self.labels, self.precision = config, labels, precision
+        self.input_dtype, self.device = input_dtype, device
+        self.compile_seconds = 0.0
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.input_dtype)
+        if self.precision != "int8":
+            return self.net(x).float()
+        return torch.cat([self._padded(chunk) for chunk in x.split(MAX_BATCH)])
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiled int8 graph has static shapes (its prepacked weights need them): pad the
+        batch to a power of two, so that at most log2(MAX_BATCH) + 1 sizes are ever compiled."""
+        n = x.shape[0]
+        size = int8_batch_sizes(n)[-1]
+        if size > n:
+            x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
+        # Freezing folds the weights into prepacked int8 constants; it is read when each
+        # batch size compiles (passing it in `torch.compile`'s options fails to prepack).
+        with torch._inductor.config.patch(freezing=True):
+            return self.net(x)[:n].float()
+
+    def warm_up(self, batch_size: int) -> float:
+        """Run one batch of this size (compiling for it, if compiled); returns the seconds."""
+        c = self.config
+        x = torch.zeros(batch_size, c.in_channels, c.image_size, c.image_size)
+        start = time.perf_counter()
+        self(x)
+        return time.perf_counter() - start
+
+    def extra_repr(self) -> str:
+        return f"precision={self.precision}"
+
+
+def input_spec(model: ViT | OptimizedViT) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a model's inputs should have (an `OptimizedViT` casts its own)."""
+    if isinstance(model, OptimizedViT):
+        return model.device, torch.float32
+    param = next(model.parameters())
+    return param.device, param.dtype
+
+
+def calibration_sample(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A fixed random subset of uint8 training images to keep with a trained model: up to
+    CALIBRATION_IMAGES of them and about CALIBRATION_BYTES (at least 16)."""
+    per_image = images[0].numel() * images.element_size()
+    n = min(len(images), CALIBRATION_IMAGES, max(16, CALIBRATION_BYTES // per_image))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[order[:n]].cpu().clone()
+
+
+def optimize(
+    model: ViT,
+    precision: Precision | str = "auto",
+    calibration: torch.Tensor | None = None,
+    num_images: int | None = None,
+) -> OptimizedViT:
+    """`model` for fast inference in `precision` on the device it lives on.
+
+    `calibration`: sample images for int8, uint8 (0-255) or float in [0, 1], (N, C, H, W) at
+    any size; defaults to the images a trained model carries (`model.calibration`).
+    `num_images`, if known, is how many images will be classified: "auto" skips int8 when
+    fewer than INT8_MIN_IMAGES would not repay its compilation. The source model is left as
+    it is.
+    """
+    if not isinstance(model, ViT):
+        raise TypeError(f"optimize takes a vitkit ViT, got {type(model).__name__}")
+    device = next(model.parameters()).device
+    if calibration is None:
+        calibration = model.calibration
+    worth_compiling = num_images is None or num_images >= INT8_MIN_IMAGES
+    mode = resolve_precision(precision, device, calibration is not None and worth_compiling)
+    if mode == "fp32":
+        net, dtype = model.eval(), torch.float32
+    elif mode == "bf16":
+        net, dtype = copy.deepcopy(model).eval().to(torch.bfloat16), torch.bfloat16
+    else:
+        if calibration is None:
+            raise ValueError(
+                "int8 needs calibration images: pass calibration=(N, C, H, W) images, or use "
+                "a model trained with vitkit (it carries them)"
+            )
+        net, dtype = quantize_int8(model, calibration), torch.float32
+    fast = OptimizedViT(net, model.config, model.labels, mode, dtype, device)
+    if mode == "int8":  # compile now, not inside the first prediction
+        fast.compile_seconds = fast.warm_up(1)
+    return fast
+
+
+def quantize_int8(model: ViT, calibration: torch.Tensor) -> nn.Module:
+    """Static int8 quantisation (PT2E, x86 inductor quantiser), compiled with inductor."""
+    from vitkit.infer.predict import preprocess
+
+    with _quiet_loggers("torchao", "torch.utils._pytree"):  # CUDA-only parts, deprecations
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    images = preprocess(calibration[:CALIBRATION_IMAGES].cpu(), model.config)
+    net = copy.deepcopy(model).cpu().float().eval()
+    if "bf16" in fast_precisions("cpu"):
+        for m in net.modules():
+            if isinstance(m, Attention):
+                m.compute_dtype = torch.bfloat16
+    batch = torch.export.Dim.DYNAMIC
+    graph = torch.export.export(net, (images[:2],), dynamic_shapes=({0: batch},)).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    # The first and last layers are small and the most sensitive to rounding.
+    for name in ("patch_embed", "head"):
+        quantizer.set_module_name_qconfig(name, None)
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for chunk in images.split(32):
+            prepared(chunk)
+    quantized = convert_pt2e(prepared)
+    return torch.compile(quantized, dynamic=False)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
