@@ -112,8 +112,11 @@ def timm_model(model: ViT) -> nn.Module:
 
 def hf_model(model: ViT) -> nn.Module:
     from transformers import ViTForImageClassification
+    from transformers.utils import logging as hf_logging
 
     from vitkit.weights.hf import to_hf
+
+    hf_logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory() as tmp:
         to_hf(model, tmp)
@@ -178,7 +181,8 @@ def _calibration(model: ViT) -> torch.Tensor:
     """Random images to calibrate int8 on: speed does not depend on what the images show."""
     c = model.config
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (32, c.in_channels, c.image_size, c.image_size), generator=gen)
+    shape = (32, c.in_channels, c.image_size, c.image_size)
+    return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
 
 
 def bench_inference(preset: str, batch: int, rounds: int) -> list[Result]:
@@ -229,7 +233,7 @@ def bench_training(preset: str, rounds: int) -> list[Result]:
     classes = 10 if config.image_size < 64 else 1000
     model = create_model(config.replace(num_classes=classes), seed=0)
     c = model.config
-    bf16 = auto_bf16(c, torch.device("cpu"))
+    bf16 = auto_bf16(torch.device("cpu"))
     mode = "bf16-autocast" if bf16 else "fp32"
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=gen)

@@ -140,6 +140,7 @@ _TRAIN_SETTINGS = (
     "max_steps",
     "seed",
     "precision",
+    "compile",
     "ema_decay",
     "weight_decay",
     "warmup_epochs",
@@ -225,6 +226,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model (single process; pays for large models, see BENCHMARKS)",
+    )
     p.add_argument("--ema-decay", type=float, help="keep an EMA of weights (e.g. 0.999)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a ViTConfig override")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<time>)")

@@ -20,8 +20,8 @@ import contextlib
 import copy
 import functools
 import logging
-import warnings
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal

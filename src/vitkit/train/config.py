@@ -31,6 +31,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float = 0.0  # 0 turns the EMA of weights off
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the model: S/16 steps 11% faster (bf16, 2-core CPU) after ~30 s of
+    # compiling, but the Fashion-MNIST preset's 6% slower, hence off unless asked for.
+    compile: bool = False
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Fine-tuning: start from these weights (a model dir or name, a timm file, a Hugging Face
