@@ -4,7 +4,8 @@ Every implementation runs the same architecture with the same (converted) weight
 resolution and precision; runs alternate between implementations, so that a machine that
 speeds up or slows down affects all of them alike, and the median of the rounds is kept.
 The machine's fp32 and bf16 matmul peaks are measured in the same run: each result is also a
-fraction of them. Peers (timm, transformers) are optional: missing ones are skipped.
+fraction of them (on a GPU, the bf16 fraction of a training step is its model FLOPs
+utilisation, MFU). Peers (timm, transformers) are optional: missing ones are skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import statistics
 import tempfile
@@ -36,7 +38,7 @@ TIMM_NAMES = {
     "S/16": "vit_small_patch16_224",
     "B/16": "vit_base_patch16_224",
 }
-TRAIN_BATCH = {"Ti/7@28": 256, "S/16": 32}
+TRAIN_BATCH = {"Ti/7@28": 256, "S/16": 32, "B/16": 32}
 
 
 @dataclass
@@ -53,17 +55,23 @@ class Result:
 
 
 # -- the machine ----------------------------------------------------------------------------
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best TFLOP/s of a square matmul in `dtype` on this CPU's threads."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """Best TFLOP/s of a square matmul in `dtype` on `device` (all of a CPU's threads)."""
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    best = min(_seconds(lambda: a @ b, device) for _ in range(repeats))
     return 2 * size**3 / best / 1e12
 
 
-def _seconds(fn: Callable[[], Any]) -> float:
+def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of `fn()`, waiting for a GPU's queued work before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -74,22 +82,36 @@ _torchvision_ops: torch.library.Library | None = None
 def import_timm() -> Any:
     """timm, whose import needs torchvision: PyPI's torchvision is a CUDA build whose compiled
     ops can't load beside the CPU torch wheel, but it only needs their schemas to import, and
-    no ViT uses those ops. Declares them when they are missing, then imports timm."""
+    no ViT uses those ops. Declares them where torchvision's own library can't load."""
     global _torchvision_ops
-    try:
-        torch.ops.torchvision.nms  # noqa: B018 - already defined (a working torchvision)
-    except (AttributeError, RuntimeError):
-        if _torchvision_ops is None:
-            _torchvision_ops = torch.library.Library("torchvision", "DEF")
+    if _torchvision_ops is None and not _torchvision_ops_load():
+        _torchvision_ops = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
             _torchvision_ops.define(
-                "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-            )
-            _torchvision_ops.define(
-                "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+                f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
             )
     import timm
 
     return timm
+
+
+def _torchvision_ops_load() -> bool:
+    """Whether torchvision's compiled ops are defined, or load (False: they can't)."""
+    try:
+        torch.ops.torchvision.nms  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        pass
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return True  # no torchvision: importing timm fails plainly
+    for library in Path(spec.submodule_search_locations[0]).glob("_C.*"):
+        try:
+            torch.ops.load_library(str(library))
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def timm_model(model: ViT) -> nn.Module:
@@ -136,11 +158,13 @@ class _Logits(nn.Module):
 
 
 def peers(model: ViT) -> dict[str, nn.Module]:
-    """The peer implementations installed here, each with `model`'s weights."""
+    """The peer implementations installed here, each with `model`'s weights, on its device."""
+    device = next(model.parameters()).device
+    source = copy.deepcopy(model).cpu()  # the converters read and write weights on the CPU
     out = {}
     for name, build in (("timm", timm_model), ("hf", hf_model)):
         try:
-            out[name] = build(model).eval()
+            out[name] = build(source).eval().to(device)
         except ImportError as e:
             print(f"  ({name} skipped: {e})")
     return out
@@ -148,9 +172,12 @@ def peers(model: ViT) -> dict[str, nn.Module]:
 
 # -- inference ------------------------------------------------------------------------------
 def inference_modes(model: ViT, batch: int) -> Iterator[tuple[str, str, Callable, float]]:
-    """(impl, mode, fn, setup seconds) for every implementation and precision measured."""
+    """(impl, mode, fn, setup seconds) for every implementation and precision measured, on
+    the device `model` lives on. On a GPU, vitkit's bf16 is also measured compiled (on a CPU
+    its int8 is faster)."""
     model = model.eval()
-    fast = fast_precisions()
+    device = next(model.parameters()).device
+    fast = fast_precisions(device)
     yield "vitkit", "fp32", optimize(model, "fp32"), 0.0
     for mode in ("bf16", "int8"):
         if mode not in fast:
@@ -158,23 +185,30 @@ def inference_modes(model: ViT, batch: int) -> Iterator[tuple[str, str, Callable
         start = time.perf_counter()
         net = optimize(model, mode, calibration=_calibration(model))
         yield "vitkit", mode, net, time.perf_counter() - start
+        if mode == "bf16" and device.type == "cuda":
+            yield "vitkit", "bf16-compiled", _compiled(net.net), 0.0
     for impl, net in peers(model).items():
         yield impl, "fp32", net, 0.0
         if "bf16" not in fast:
             continue
 
         def autocast(x: torch.Tensor, net: nn.Module = net) -> torch.Tensor:
-            with torch.autocast("cpu", torch.bfloat16):
+            with torch.autocast(device.type, torch.bfloat16):
                 return net(x)
 
         yield impl, "bf16-autocast", autocast, 0.0
-        compiled = torch.compile(copy.deepcopy(net).to(torch.bfloat16))
+        yield impl, "bf16-compiled", _compiled(copy.deepcopy(net).to(torch.bfloat16)), 0.0
 
-        def run(x: torch.Tensor, compiled: Callable = compiled) -> torch.Tensor:
-            with torch._inductor.config.patch(freezing=True):
-                return compiled(x.to(torch.bfloat16))
 
-        yield impl, "bf16-compiled", run, 0.0
+def _compiled(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`net` (in bf16) compiled by inductor with its weights frozen as constants."""
+    compiled = torch.compile(net)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(x.to(torch.bfloat16))
+
+    return run
 
 
 def _calibration(model: ViT) -> torch.Tensor:
@@ -185,23 +219,24 @@ def _calibration(model: ViT) -> torch.Tensor:
     return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
 
 
-def bench_inference(preset: str, batch: int, rounds: int) -> list[Result]:
-    model = create_model(preset, num_classes=1000, seed=0)
+def bench_inference(preset: str, batch: int, rounds: int, device: torch.device) -> list[Result]:
+    model = create_model(preset, num_classes=1000, seed=0).to(device)
     c = model.config
-    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size)
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, device=device)
     # Batch 1 is timed over several calls per round, so that each round lasts long enough.
     calls = max(1, 16 // batch)
     runs: dict[tuple[str, str], Callable] = {}
     setup: dict[tuple[str, str], float] = {}
     with torch.inference_mode():
         for impl, mode, fn, seconds in inference_modes(model, batch):
-            seconds += _seconds(lambda fn=fn: fn(x))  # first call: compiles, if compiled
+            seconds += _seconds(lambda fn=fn: fn(x), device)  # first call compiles, if any
             fn(x)
             runs[impl, mode], setup[impl, mode] = fn, seconds
         times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
         for _ in range(rounds):
             for key, fn in runs.items():
-                times[key].append(_seconds(lambda fn=fn: [fn(x) for _ in range(calls)]) / calls)
+                run = lambda fn=fn: [fn(x) for _ in range(calls)]  # noqa: E731
+                times[key].append(_seconds(run, device) / calls)
     per_image = flops(c)
     out = []
     for (impl, mode), ts in times.items():
@@ -224,37 +259,48 @@ def bench_inference(preset: str, batch: int, rounds: int) -> list[Result]:
 
 
 # -- training -------------------------------------------------------------------------------
-def bench_training(preset: str, rounds: int) -> list[Result]:
-    """Steps of AdamW (fused) on cross-entropy at the precision vitkit's training chooses."""
+def bench_training(
+    preset: str, rounds: int, device: torch.device, batch: int | None = None
+) -> list[Result]:
+    """Steps of AdamW (fused) on cross-entropy at the precision vitkit's training chooses; on
+    a GPU also compiled (as `vitkit train --compile`), for vitkit and timm."""
     from vitkit.train.loop import auto_bf16
 
-    batch = TRAIN_BATCH.get(preset, 32)
+    batch = batch or TRAIN_BATCH.get(preset, 32)
     config = get_preset(preset)
     classes = 10 if config.image_size < 64 else 1000
-    model = create_model(config.replace(num_classes=classes), seed=0)
+    model = create_model(config.replace(num_classes=classes), seed=0).to(device)
     c = model.config
-    bf16 = auto_bf16(torch.device("cpu"))
+    bf16 = auto_bf16(device)
     mode = "bf16-autocast" if bf16 else "fp32"
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=gen)
-    y = torch.randint(0, classes, (batch,), generator=gen)
-    nets = {"vitkit": copy.deepcopy(model)} | peers(model)
-    steps = {impl: _train_step(net.train(), x, y, bf16) for impl, net in nets.items()}
-    for step in steps.values():
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=gen).to(device)
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    nets = {("vitkit", mode): copy.deepcopy(model)}
+    nets |= {(impl, mode): net for impl, net in peers(model).items()}
+    if device.type == "cuda":
+        for impl in ("vitkit", "timm"):
+            if (impl, mode) in nets:
+                net = copy.deepcopy(nets[impl, mode])
+                # static shapes: a second preset in the same process would otherwise
+                # recompile with dynamic ones, whose backward failed on CUDA (torch 2.11)
+                nets[impl, mode + "-compiled"] = torch.compile(net, dynamic=False)
+    steps = {key: _train_step(net.train(), x, y, bf16) for key, net in nets.items()}
+    setup = {}
+    for key, step in steps.items():
+        setup[key] = _seconds(step, device)  # compiles, if compiled
         step()
-        step()
-    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for _ in range(rounds):
-        for impl, step in steps.items():
-            times[impl].append(_seconds(step))
+        for key, step in steps.items():
+            times[key].append(_seconds(step, device))
     per_image = 3 * flops(c)  # forward + backward (twice the forward)
     out = []
-    for impl, ts in times.items():
+    for (impl, mode), ts in times.items():
         sec = statistics.median(ts)
         ips = batch / sec
-        out.append(
-            Result("train", preset, batch, impl, mode, sec, ips, ips * per_image / 1e12, 0.0)
-        )
+        tflops = ips * per_image / 1e12
+        out.append(Result("train", preset, batch, impl, mode, sec, ips, tflops, setup[impl, mode]))
     return out
 
 
@@ -262,7 +308,7 @@ def _train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) ->
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
 
     def step() -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(net(x), y)
         loss.backward()
         optimizer.step()
@@ -304,6 +350,12 @@ def report(results: list[Result], peaks: dict[str, float]) -> str:
             if eager and task == "infer":
                 ratio = ours.images_per_second / eager[0].images_per_second
                 text += f"; / {impl} eager bf16 autocast = {ratio:.2f}x"
+            if task == "train":  # like against like: the same mode, eager or compiled
+                for r in theirs:
+                    mine = [m for m in rs if m.impl == "vitkit" and m.mode == r.mode]
+                    if mine and r is not best:
+                        ratio = mine[0].images_per_second / r.images_per_second
+                        text += f"; {r.mode}: {ratio:.2f}x"
             lines.append(text)
     return "\n".join(lines)
 
@@ -321,7 +373,11 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         metavar="PRESET",
         help=f"also time training steps (default presets: {', '.join(TRAIN_BATCH)})",
     )
+    p.add_argument(
+        "--train-batch", type=int, metavar="N", help="training batch (default: per preset)"
+    )
     p.add_argument("--no-infer", action="store_true", help="training only")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     p.set_defaults(func=cmd_bench)
@@ -329,12 +385,19 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here")
     threads = torch.get_num_threads()
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
+    peaks = {
+        "fp32": matmul_peak(torch.float32, device),
+        "bf16": matmul_peak(torch.bfloat16, device),
+    }
     print(
-        f"{threads} threads; matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
+        f"{where}; matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
         f"bf16 {peaks['bf16']:.3f} TFLOP/s; fast modes here: "
-        f"{', '.join(fast_precisions()) or 'none'}",
+        f"{', '.join(fast_precisions(device)) or 'none'}",
         flush=True,
     )
     results: list[Result] = []
@@ -343,15 +406,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for batch in args.batch:
                 print(f"inference {preset} batch {batch}...", flush=True)
                 with _quiet():
-                    results += bench_inference(preset, batch, args.rounds)
+                    results += bench_inference(preset, batch, args.rounds, device)
     train = list(TRAIN_BATCH) if args.train == [] else args.train or []
     for preset in train:
         print(f"training {preset}...", flush=True)
         with _quiet():
-            results += bench_training(preset, args.rounds)
+            results += bench_training(preset, args.rounds, device, args.train_batch)
     print(report(results, peaks))
     if args.json:
-        payload = {"threads": threads, "peaks": peaks, "results": [asdict(r) for r in results]}
+        payload = {"machine": where, "peaks": peaks, "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 
