@@ -9,6 +9,13 @@ from vitkit.train import TrainConfig, train
 from vitkit.train.optim import param_groups
 
 
+# Fine-tuning resolution: two tokens a side more than the shipped model's 28 px, so that its
+# position embeddings are resampled (a plain ViT's token stride is its patch size; a hybrid's
+# also counts its CNN's stride).
+STRIDE = load_model("fashion-mnist").config.token_stride
+SIZE = STRIDE * (28 // STRIDE + 2)
+
+
 def _digits(**kw) -> TrainConfig:
     settings = {
         "data": "digits",
@@ -18,24 +25,25 @@ def _digits(**kw) -> TrainConfig:
         "warmup_epochs": 0.3,
         "precision": "fp32",
         "label_smoothing": 0.0,
-        "model_overrides": {"image_size": 35},  # 5x5 patches of 7: position embeddings resampled
+        "model_overrides": {"image_size": SIZE},
     }
     return TrainConfig.from_dict(settings | kw)
 
 
 def test_finetuning_the_shipped_model_beats_scratch_on_digits(tmp_path):
     tuned = train(_digits(init="fashion-mnist", num_classes=10), tmp_path / "ft", progress=False)
-    shipped = load_model("fashion-mnist").config
-    arch = {k: getattr(shipped, k) for k in ("patch_size", "width", "depth", "heads")}
+    shipped = load_model("fashion-mnist").config.to_dict()
+    arch = {k: v for k, v in shipped.items() if k not in ("num_classes", "mean", "std")}
     scratch = train(
-        _digits(model="Ti/7@28", model_overrides={"image_size": 35, **arch}),
+        _digits(model="Ti/7@28", model_overrides=arch | {"image_size": SIZE}),
         tmp_path / "scratch",
         progress=False,
     )
     assert tuned.step == scratch.step
     assert tuned.val_acc > scratch.val_acc + 0.05, (tuned.val_acc, scratch.val_acc)
     model = load_model(tmp_path / "ft")
-    assert model.config.image_size == 35 and model.pos_embed.shape[1] == 1 + 25
+    assert model.config.image_size == SIZE
+    assert model.pos_embed.shape[1] == 1 + (SIZE // STRIDE) ** 2
     assert model.labels == [str(i) for i in range(10)]
 
 
@@ -46,7 +54,7 @@ def test_linear_probe_trains_the_head_only(tmp_path):
         progress=False,
     )
     before, after = load_model("fashion-mnist"), load_model(tmp_path / "probe")
-    before.set_image_size(35)  # the same resampling of the position embeddings
+    before.set_image_size(SIZE)  # the same resampling of the position embeddings
     a, b = before.state_dict(), after.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
     assert not torch.equal(a["head.weight"], b["head.weight"])
@@ -91,7 +99,7 @@ def test_recipe_regularisation_applies_to_a_pretrained_model(tmp_path):
         init="fashion-mnist",
         num_classes=10,
         max_steps=2,
-        model_overrides={"image_size": 35, "drop_path": 0.2, "dropout": 0.1},
+        model_overrides={"image_size": SIZE, "drop_path": 0.2, "dropout": 0.1},
     )
     train(cfg, tmp_path / "reg", progress=False)
     tuned = load_model(tmp_path / "reg")
