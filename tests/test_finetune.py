@@ -8,7 +8,6 @@ from vitkit.cli import main
 from vitkit.train import TrainConfig, train
 from vitkit.train.optim import param_groups
 
-
 # Fine-tuning resolution: two tokens a side more than the shipped model's 28 px, so that its
 # position embeddings are resampled (a plain ViT's token stride is its patch size; a hybrid's
 # also counts its CNN's stride).

@@ -322,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vitkit.runtime import reuse_freed_memory
     from vitkit.weights import CheckpointError
+
+    reuse_freed_memory()
 
     try:
         return args.func(args)

@@ -32,6 +32,7 @@ from torch import nn
 from vitkit.config import ViTConfig
 from vitkit.model.encoder import Attention
 from vitkit.model.vit import ViT
+from vitkit.runtime import reuse_freed_memory
 
 # Inductor's int8 lowering warns about its own tensor copies on every compile.
 warnings.filterwarnings(
@@ -186,6 +187,7 @@ def optimize(
     """
     if not isinstance(model, ViT):
         raise TypeError(f"optimize takes a vitkit ViT, got {type(model).__name__}")
+    reuse_freed_memory()
     device = next(model.parameters()).device
     if calibration is None:
         calibration = model.calibration

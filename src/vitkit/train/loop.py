@@ -32,6 +32,7 @@ from vitkit.infer.optimize import calibration_sample, fast_precisions
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
+from vitkit.runtime import reuse_freed_memory
 from vitkit.train import checkpoint, distributed
 from vitkit.train.checkpoint import load_state
 from vitkit.train.config import TrainConfig
@@ -189,6 +190,7 @@ def train(
     if state is not None:
         # The run's own settings hold, except how far to go this time.
         cfg = TrainConfig.from_dict(state["train_config"] | {"max_steps": cfg.max_steps})
+    reuse_freed_memory()
     with distributed.joined(distributed.pick_device(device), cfg.shard) as world:
         return _train(cfg, run_dir, state, world, progress and world.main, datasets)
 
