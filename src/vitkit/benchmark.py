@@ -237,8 +237,8 @@ def bench_inference(preset: str, batch: int, rounds: int, device: torch.device) 
         times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
         for _ in range(rounds):
             for key, fn in runs.items():
-                run = lambda fn=fn: [fn(x) for _ in range(calls)]  # noqa: E731
-                times[key].append(_seconds(run, device) / calls)
+                seconds = _seconds(lambda fn=fn: [fn(x) for _ in range(calls)], device)
+                times[key].append(seconds / calls)
     per_image = flops(c)
     out = []
     for (impl, mode), ts in times.items():
