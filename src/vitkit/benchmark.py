@@ -162,7 +162,8 @@ class _Logits(nn.Module):
 def peers(model: ViT) -> dict[str, nn.Module]:
     """The peer implementations installed here, each with `model`'s weights, on its device."""
     device = next(model.parameters()).device
-    source = copy.deepcopy(model).cpu()  # the converters read and write weights on the CPU
+    # The converters read and write weights on the CPU.
+    source = model if device.type == "cpu" else copy.deepcopy(model).cpu()
     out = {}
     for name, build in (("timm", timm_model), ("hf", hf_model)):
         try:
