@@ -8,11 +8,12 @@ from vitkit.cli import main
 from vitkit.train import TrainConfig, train
 from vitkit.train.optim import param_groups
 
-# Fine-tuning resolution: two tokens a side more than the shipped model's 28 px, so that its
+# Fine-tuning resolution: one token a side more than the shipped model's grid, so that its
 # position embeddings are resampled (a plain ViT's token stride is its patch size; a hybrid's
 # also counts its CNN's stride).
-STRIDE = load_model("fashion-mnist").config.token_stride
-SIZE = STRIDE * (28 // STRIDE + 2)
+SHIPPED = load_model("fashion-mnist").config
+STRIDE = SHIPPED.token_stride
+SIZE = STRIDE * (SHIPPED.grid_size + 1)
 
 
 def _digits(**kw) -> TrainConfig:
@@ -31,8 +32,7 @@ def _digits(**kw) -> TrainConfig:
 
 def test_finetuning_the_shipped_model_beats_scratch_on_digits(tmp_path):
     tuned = train(_digits(init="fashion-mnist", num_classes=10), tmp_path / "ft", progress=False)
-    shipped = load_model("fashion-mnist").config.to_dict()
-    arch = {k: v for k, v in shipped.items() if k not in ("num_classes", "mean", "std")}
+    arch = {k: v for k, v in SHIPPED.to_dict().items() if k not in ("num_classes", "mean", "std")}
     scratch = train(
         _digits(model="Ti/7@28", model_overrides=arch | {"image_size": SIZE}),
         tmp_path / "scratch",
@@ -103,7 +103,7 @@ def test_recipe_regularisation_applies_to_a_pretrained_model(tmp_path):
     train(cfg, tmp_path / "reg", progress=False)
     tuned = load_model(tmp_path / "reg")
     assert (tuned.config.drop_path, tuned.config.dropout) == (0.2, 0.1)
-    assert tuned.config.width == load_model("fashion-mnist").config.width
+    assert tuned.config.width == SHIPPED.width
     cfg = _digits(init="fashion-mnist", num_classes=10, model_overrides={"width": 64})
     with pytest.raises(ValueError, match="width cannot change when fine-tuning"):
         train(cfg, tmp_path / "bad", progress=False)
