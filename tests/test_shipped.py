@@ -13,7 +13,8 @@ from vitkit.weights.format import SHIPPED_DIR
 def test_shipped_model_loads_by_name():
     model = vitkit.load_model("fashion-mnist")
     assert model.labels[0] == "T-shirt/top" and model.labels[9] == "Ankle boot"
-    assert model.config.in_channels == 1 and model.config.image_size == 28
+    # Trained on Fashion-MNIST's 28x28 images resized to 32x32 (see its recipe).
+    assert model.config.in_channels == 1 and model.config.image_size == 32
     for name in ("eval.json", "metrics.jsonl", "train.json", "confusion.png", "loss.png"):
         assert (SHIPPED_DIR / "fashion-mnist" / name).is_file(), name
 
