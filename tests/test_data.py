@@ -145,19 +145,25 @@ def test_mislabelled_files_rejected(tmp_path):
         load_idx_dir(tmp_path / "count")
 
 
-def test_known_dataset_checksums_gz_only(tmp_path):
+def test_known_dataset_checksums_and_own_idx_dirs(tmp_path):
     images, labels = mnist_like()
-    write_split(tmp_path / "gz", "train", images, labels)
-    with pytest.raises(DatasetError, match="checksum mismatch.*corrupt or not the original"):
-        load_dataset("mnist", data_dir=tmp_path / "gz")
-    # Uncompressed files are the user's own: structure is checked, the checksum is not.
-    write_split(tmp_path / "raw", "train", images, labels, gz=False)
-    ds = load_dataset("mnist", data_dir=tmp_path / "raw")
-    assert len(ds) == 12 and ds.name == "mnist" and ds.classes == [str(d) for d in range(10)]
-    labels[3] = 10  # out of range for MNIST's ten classes
+    for gz in (True, False):  # compressed or not, a known dataset's content is checked
+        write_split(tmp_path / f"gz{gz}", "train", images, labels, gz=gz)
+        with pytest.raises(DatasetError, match="checksum mismatch.*not the original.*--data DIR"):
+            load_dataset("mnist", data_dir=tmp_path / f"gz{gz}")
+    # IDX files of one's own load by their directory: classes from both splits' labels.
+    own = tmp_path / "own"
+    write_split(own, "train", images, labels % 4, gz=False)
+    write_split(own, "test", images[:5], labels[:5] % 4 + 2)  # labels 2..5
+    train, test = load_dataset(str(own), "train"), load_dataset(str(own), "val")
+    assert len(train) == 12 and len(test) == 5 and train.name == "own"
+    assert train.classes == test.classes == [str(d) for d in range(6)]
+    assert test.labels.tolist() == (labels[:5] % 4 + 2).tolist()
+    assert load_dataset(str(own), "test", image_size=32).images.shape == (5, 1, 32, 32)
+    labels[3] = 10  # out of range for the classes given
     write_split(tmp_path / "bad", "train", images, labels, gz=False)
     with pytest.raises(DatasetError, match="label 10"):
-        load_dataset("mnist", data_dir=tmp_path / "bad")
+        load_idx_dir(tmp_path / "bad", classes=list("abc"))
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
@@ -173,7 +179,9 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkey
         load_dataset("mnist", "test")
     images, labels = mnist_like()
     write_split(tmp_path / "env" / "mnist", "test", images, labels, gz=False)
-    assert len(load_dataset("mnist", "test")) == 12  # found through $VITKIT_DATA
+    found = tmp_path / "env" / "mnist" / "t10k-images-idx3-ubyte"  # through $VITKIT_DATA,
+    with pytest.raises(DatasetError, match=f"{found}: checksum mismatch"):  # and checked
+        load_dataset("mnist", "test")
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
@@ -199,6 +207,21 @@ def test_real_fashion_mnist(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(changed)))
     with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz: checksum mismatch"):
         load_dataset("fashion-mnist", "test", data_dir=tmp_path)
+
+    # An uncompressed copy loaded by its directory is recognised by content: names, checks.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "t10k-labels-idx1-ubyte").write_bytes(labels)
+    images = gzip.decompress((FASHION / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (copy / "t10k-images-idx3-ubyte").write_bytes(images)
+    same = load_dataset(str(copy), "test")
+    assert same.name == "fashion-mnist" and same.classes == FASHION_CLASSES
+    assert torch.equal(same.images, test.images)
+    changed_images = bytearray(images)
+    changed_images[-1] ^= 1
+    (copy / "t10k-images-idx3-ubyte").write_bytes(bytes(changed_images))
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte: checksum mismatch"):
+        load_dataset(str(copy), "test")
 
 
 # -- digits -----------------------------------------------------------------------------------

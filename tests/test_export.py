@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import vitkit
+from tests.fashion import load_fashion_mnist
 from vitkit import create_model, load_model, save_model
-from vitkit.data import load_dataset
 from vitkit.infer.export import (
     check_onnx,
     compare_precisions,
@@ -37,10 +37,7 @@ def small_model(**overrides):
 
 @pytest.fixture(scope="module")
 def fashion():
-    try:
-        return load_dataset("fashion-mnist", "test")
-    except ValueError as e:
-        pytest.skip(str(e))
+    return load_fashion_mnist("test")
 
 
 @pytest.fixture(scope="module")

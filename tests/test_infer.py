@@ -74,13 +74,17 @@ def _corrupt(image_dir):
 
 
 def test_expand_inputs(image_dir):
+    # Any format Pillow reads, not only the common ones.
+    Image.new("L", (5, 5)).save(image_dir / "sub" / "scan.tga")
     found = expand_inputs([image_dir])
     assert [p.relative_to(image_dir).as_posix() for p in found] == [
         "grey.png",
         "sub/alpha.png",
         "sub/pal.png",
+        "sub/scan.tga",
         "wide.JPG",
     ]
+    (image_dir / "sub" / "scan.tga").unlink()
     # Files named explicitly are kept as given, before and after a directory.
     assert expand_inputs([image_dir / "notes.txt", image_dir / "sub"]) == [
         image_dir / "notes.txt",
@@ -308,13 +312,20 @@ def test_predict_command_reports_bad_files(biased_dir, image_dir, tmp_path, caps
 def test_eval_command(biased_dir, monkeypatch, capsys):
     requested = {}
 
-    def fake_load_dataset(spec, split="train", data_dir=None, image_size=None, channels=None):
-        requested.update(spec=spec, split=split, image_size=image_size, channels=channels)
+    def fake_load_dataset(spec, split, data_dir, image_size, channels, val_fraction):
+        requested.update(spec=spec, split=split, size=image_size, channels=channels)
+        requested["val_fraction"] = val_fraction
         return _dataset([3, 3, 3, 5])
 
     monkeypatch.setattr("vitkit.data.load_dataset", fake_load_dataset, raising=False)
     assert _run(add_eval_command, ["eval", str(biased_dir), "--data", "toy"]) == 0
-    assert requested == {"spec": "toy", "split": "test", "image_size": 28, "channels": 1}
+    assert requested == {
+        "spec": "toy",
+        "split": "test",
+        "size": 28,
+        "channels": 1,
+        "val_fraction": 0.1,
+    }
     out = capsys.readouterr().out
     assert "top-1 75.00%" in out and "c5" in out
     assert (biased_dir / "eval" / "eval.json").is_file()
@@ -324,6 +335,13 @@ def test_eval_command(biased_dir, monkeypatch, capsys):
     assert _run(add_eval_command, argv) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == 0.75
     assert (biased_dir / "x" / "eval.json").is_file()
+
+    # A run's held-out fraction is the default, so evaluation sees the images training held out.
+    (biased_dir / "train.json").write_text(json.dumps({"val_fraction": 0.25}))
+    assert _run(add_eval_command, ["eval", str(biased_dir), "--data", "toy", "--json"]) == 0
+    assert requested["val_fraction"] == 0.25
+    argv = ["eval", str(biased_dir), "--data", "toy", "--json", "--val-fraction", "0.3"]
+    assert _run(add_eval_command, argv) == 0 and requested["val_fraction"] == 0.3
 
 
 def test_plot_curves(tmp_path):

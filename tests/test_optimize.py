@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import vitkit
-from vitkit.data import load_dataset
+from tests.fashion import load_fashion_mnist
 from vitkit.infer import optimize as opt
 from vitkit.infer.predict import preprocess
 from vitkit.weights import CheckpointError, load_model, save_model
@@ -16,10 +16,7 @@ from vitkit.weights.format import CALIBRATION_FILE
 @pytest.fixture(scope="module")
 def fashion():
     """The shipped model and 1,000 Fashion-MNIST test images, normalised, with labels."""
-    try:
-        test = load_dataset("fashion-mnist", "test")
-    except ValueError as e:
-        pytest.skip(str(e))
+    test = load_fashion_mnist("test")
     model = vitkit.load_model("fashion-mnist")
     sub = test.subset(torch.arange(1000))
     return model, preprocess(sub.images, model.config), sub.labels

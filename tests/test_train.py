@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from tests.fashion import load_fashion_mnist
 from tests.paths import RECIPES
 from vitkit import load_model
 from vitkit.cli import main
@@ -87,11 +88,7 @@ def test_resume_without_checkpoint_is_clear(tmp_path):
 
 def test_fashion_mnist_short_run_learns(tmp_path):
     """A few thousand real Fashion-MNIST images, two epochs: far above chance on held-out data."""
-    try:
-        full = load_dataset("fashion-mnist", "train")
-        test = load_dataset("fashion-mnist", "test")
-    except ValueError as e:
-        pytest.skip(str(e))
+    full, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     gen = torch.Generator().manual_seed(0)
     sub = full.subset(torch.randperm(len(full), generator=gen)[:6000])
     held = test.subset(torch.arange(2000))
@@ -174,3 +171,27 @@ def test_dataset_smaller_than_batch(tmp_path):
     )
     with pytest.raises(ValueError, match="exceeds the 10 training images"):
         train(tiny_config(), tmp_path / "r", progress=False, datasets=(ds, ds))
+
+
+def test_cli_trains_and_evaluates_an_image_folder(tmp_path, capsys):
+    """An image folder split by fraction: eval's default split is the part training held out."""
+    from PIL import Image
+
+    digits = load_dataset("digits", "test")
+    folder = tmp_path / "digits"
+    for i in range(240):
+        label = digits.classes[int(digits.labels[i])]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i, 0].numpy()).save(folder / label / f"{i}.png")
+    run = tmp_path / "run"
+    flags = ["--set", "in_channels=1", *(f"--set={k}={v}" for k, v in TINY.items())]
+    argv = ["train", "--data", str(folder), "--val-fraction", "0.25", "--epochs", "1"]
+    argv += ["--batch-size", "32", "--precision", "fp32", "--quiet", "--out", str(run), *flags]
+    assert main(argv) == 0
+    trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    held_out = sum(round(n * 0.25) for n in torch.bincount(digits.labels[:240]).tolist())
+    assert report["num_images"] == held_out
+    assert report["top1"] == pytest.approx(trained["val_acc"])

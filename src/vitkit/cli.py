@@ -133,6 +133,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 _TRAIN_SETTINGS = (
     "data",
     "data_dir",
+    "val_fraction",
     "model",
     "epochs",
     "batch_size",
@@ -212,6 +213,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="fashion-mnist, mnist, digits, or an image folder")
     p.add_argument("--data-dir", help="where the dataset's files are (default: searched)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="held out of each class of an image folder without val/ (default: 0.1)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per step, over all processes")
     p.add_argument(

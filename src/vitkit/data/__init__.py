@@ -7,6 +7,7 @@ augmented and normalised as whole tensors (see transforms.py).
     load_dataset("fashion-mnist", "train")        IDX files (idx.py), checksummed
     load_dataset("digits", "test")                scikit-learn's 8x8 digits (digits.py)
     load_dataset("photos/", "val", image_size=32) one subfolder per class (folder.py)
+    load_dataset("kmnist/", "test")               a folder of IDX files (idx.py)
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ def load_dataset(
 ) -> ImageDataset:
     """Load one split of a named dataset (see `DATASETS`) or of an image folder.
 
-    Named datasets have splits "train" and "test" ("val" is accepted for "test", their only
-    held-out split); `data_dir` says where their files are, if not in the usual places.
-    A folder with `train/` and `val/` or `test/` subfolders uses them; any other folder (or a
-    lone `train/` in it) holds one subfolder per class and is split by `val_fraction`
-    (stratified, fixed `seed`) into "train" and "val". Images come back with `channels`
+    Named datasets, and folders of IDX files, have splits "train" and "test" ("val" is
+    accepted for "test", their only held-out split); `data_dir` says where a named dataset's
+    files are, if not in the usual places. A folder with `train/` and `val/` or `test/`
+    subfolders uses them; any other folder (or a lone `train/` in it) holds one subfolder per
+    class and is split by `val_fraction` (stratified, fixed `seed`) into "train" and "val"
+    ("test" is accepted for "val"). Images come back with `channels`
     channels (grey is repeated, colour becomes luma) at `image_size` x `image_size`; left
     out, named datasets keep theirs and folders become 3 x 224 x 224.
     """
@@ -125,6 +127,8 @@ def load_dataset(
         ds = idx.load_idx(spec, _held_out_as_test(spec, split), data_dir)
     elif spec == "digits":
         ds = digits.load_digits(_held_out_as_test(spec, split))
+    elif Path(spec).is_dir() and idx.is_idx_dir(spec):
+        ds = idx.load_idx_dir(spec, _held_out_as_test(spec, split))
     elif Path(spec).is_dir():
         return _load_folder_split(Path(spec), split, image_size, channels, val_fraction, seed)
     else:
@@ -162,10 +166,11 @@ def _load_folder_split(
         return folder.load_image_folder(held_out, chans, size, classes=classes, name=name)
     if train_dir.is_dir():
         root = train_dir  # a train/ folder alone is split by fraction, like a plain folder
-    if split not in ("train", "val"):
+    if split not in ("train", "val", "test"):
         raise DatasetError(f"{root} is split by fraction into 'train' and 'val', not {split!r}")
+    subset = "train" if split == "train" else "val"  # the folder's only held-out part
     return folder.load_image_folder(
-        root, chans, size, subset=split, val_fraction=val_fraction, seed=seed, name=name
+        root, chans, size, subset=subset, val_fraction=val_fraction, seed=seed, name=name
     )
 
 

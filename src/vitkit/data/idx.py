@@ -93,8 +93,7 @@ KNOWN: dict[str, KnownIdx] = {
 def read_idx(path: str | Path, md5: str | None = None) -> np.ndarray:
     """The array in an IDX file (`.gz` is decompressed), in native byte order.
 
-    With `md5`, a gzipped file's uncompressed bytes must have that checksum; uncompressed
-    files are taken as the user's own and only checked for structure.
+    With `md5`, the file's content (uncompressed) must have that checksum.
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -117,16 +116,19 @@ def read_idx(path: str | Path, md5: str | None = None) -> np.ndarray:
             f"{path}: {problem}: the header says {'x'.join(map(str, dims))} values of "
             f"{dtype.itemsize} byte(s) ({expected} bytes) but the file holds {actual}"
         )
-    if md5 is not None and path.suffix == ".gz":
-        digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        if digest != md5:
-            raise DatasetError(
-                f"{path}: checksum mismatch (MD5 of the content {digest}, expected {md5}); "
-                "the file is corrupt or not the original"
-            )
+    if md5 is not None and (digest := _md5(data)) != md5:
+        raise DatasetError(
+            f"{path}: checksum mismatch (MD5 of the content {digest}, expected {md5}); "
+            "the file is corrupt or not the original (IDX files of your own load by their "
+            "directory: --data DIR)"
+        )
     values = np.frombuffer(data, dtype, count=math.prod(dims), offset=header)
     # A copy in native order: writable (torch shares its memory) and fast to compute with.
     return values.astype(dtype.newbyteorder("=")).reshape(dims)
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -150,14 +152,16 @@ def load_idx_dir(
 ) -> ImageDataset:
     """One split ("train" or "test") of the IDX files in `directory`.
 
-    A `name` in `KNOWN` brings its class names and checksums; otherwise the classes are
-    `classes` or the label values "0".."max".
+    A `name` in `KNOWN` brings its class names and checksums. Without a name, a copy of a
+    known dataset is recognised by its labels' checksum; any other dataset's classes are
+    `classes`, or the label values "0".."max" over both splits.
     """
     directory = Path(directory)
     if split not in FILES:
         raise DatasetError(f"IDX datasets have splits 'train' and 'test', not {split!r}")
-    known = KNOWN.get(name)
     images_path, labels_path = (_find(directory, stem) for stem in FILES[split])
+    name = name or _identify(labels_path, FILES[split][1])
+    known = KNOWN.get(name)
     images = read_idx(images_path, known.md5[FILES[split][0]] if known else None)
     labels = read_idx(labels_path, known.md5[FILES[split][1]] if known else None)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -177,7 +181,7 @@ def load_idx_dir(
     if known:
         classes = known.classes
     elif classes is None:
-        classes = [str(i) for i in range(max(int(labels.max()) + 1, 1))]
+        classes = [str(i) for i in range(_class_count(directory, labels))]
     bad = (labels < 0) | (labels >= len(classes))
     if bad.any():
         i = int(bad.argmax())
@@ -192,12 +196,38 @@ def load_idx_dir(
     )
 
 
-def _find(directory: Path, stem: str) -> Path:
-    # The gzipped file first: it is the one that can be checked against the original.
+def _identify(labels_path: Path, stem: str) -> str:
+    """The known dataset whose `stem` labels file has this content, or ""."""
+    digest = _md5(_read_bytes(labels_path))
+    return next((name for name, known in KNOWN.items() if known.md5[stem] == digest), "")
+
+
+def _class_count(directory: Path, labels: np.ndarray) -> int:
+    """1 + the largest label of either split, so that both splits agree on the classes."""
+    largest = int(labels.max())
+    for _, stem in FILES.values():
+        path = _find(directory, stem, required=False)
+        if path is not None:
+            other = read_idx(path)
+            if other.size and other.dtype.kind in "iu":
+                largest = max(largest, int(other.max()))
+    return largest + 1
+
+
+def is_idx_dir(directory: str | Path) -> bool:
+    """Whether `directory` holds any of the four IDX files (gzipped or not)."""
+    stems = [stem for pair in FILES.values() for stem in pair]
+    return any(_find(Path(directory), stem, required=False) for stem in stems)
+
+
+def _find(directory: Path, stem: str, required: bool = True) -> Path | None:
+    # The gzipped file first: the form of the original releases.
     for path in (directory / f"{stem}.gz", directory / stem):
         if path.is_file():
             return path
-    raise DatasetError(f"{directory}: neither {stem}.gz nor {stem} is there")
+    if required:
+        raise DatasetError(f"{directory}: neither {stem}.gz nor {stem} is there")
+    return None
 
 
 def search_dirs(name: str, data_dir: str | Path | None = None) -> list[Path]:
@@ -214,10 +244,10 @@ def load_idx(name: str, split: str = "train", data_dir: str | Path | None = None
     if name not in KNOWN:
         raise DatasetError(f"unknown IDX dataset {name!r}; known: {', '.join(KNOWN)}")
     dirs = search_dirs(name, data_dir)
-    stems = [stem for pair in FILES.values() for stem in pair]
     for d in dirs:
-        if any((d / s).is_file() or (d / f"{s}.gz").is_file() for s in stems):
+        if is_idx_dir(d):
             return load_idx_dir(d, split, name)
+    stems = [stem for pair in FILES.values() for stem in pair]
     looked = "\n".join(f"  {d}" for d in dirs)
     raise DatasetError(
         f"{name} not found; looked in:\n{looked}\nTo get it, {KNOWN[name].how_to_get} "

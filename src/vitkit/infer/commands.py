@@ -21,7 +21,18 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("model", metavar="MODEL_DIR", help="model directory or shipped model name")
     p.add_argument("--data", required=True, metavar="SPEC", help="dataset to evaluate on")
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where datasets are kept")
-    p.add_argument("--split", default="test", help="train, test, or val (image folders)")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="train or test (default); val, or test, is the held-out part of an image folder",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="the held-out fraction of an image folder without val/ (default: the one the "
+        "model's run trained with, else 0.1)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -130,6 +141,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         image_size=c.image_size,
         channels=c.in_channels,
+        val_fraction=(
+            trained_val_fraction(directory) if args.val_fraction is None else args.val_fraction
+        ),
     )
     if dataset.skipped:
         path, reason = dataset.skipped[0]
@@ -156,6 +170,18 @@ def _default_out(model_dir: Path) -> Path:
     if not shipped and os.access(out if out.exists() else model_dir, os.W_OK):
         return out
     return Path(f"eval-{model_dir.name}")
+
+
+def trained_val_fraction(model_dir: Path) -> float:
+    """The fraction of its image folder that the model's training run held out (so that
+    evaluation sees the same held-out images), or the default when not known."""
+    from vitkit.train.config import TrainConfig
+    from vitkit.train.loop import TRAIN_CONFIG_FILE
+
+    try:
+        return float(json.loads((model_dir / TRAIN_CONFIG_FILE).read_text())["val_fraction"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return TrainConfig.val_fraction
 
 
 def _print_report(report: EvalReport, title: str) -> None:

@@ -144,7 +144,12 @@ def _check_inputs(
     try:
         # "val" is the held-out split of every kind of dataset (named ones map it to "test").
         held_out = load_dataset(
-            spec, "val", data_dir=data_dir, image_size=c.image_size, channels=c.in_channels
+            spec,
+            "val",
+            data_dir=data_dir,
+            image_size=c.image_size,
+            channels=c.in_channels,
+            val_fraction=float(train.get("val_fraction", 0.1)),
         )
     except (ValueError, OSError) as e:  # DatasetError is a ValueError
         return None, f"its training data is not available ({e})"

@@ -22,9 +22,6 @@ from vitkit.infer.optimize import optimize
 from vitkit.model.vit import ViT
 from vitkit.weights.format import load_model
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
 # ITU-R 601-2 luma, the weights Pillow uses for RGB -> "L".
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -43,9 +40,11 @@ class Prediction:
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """Paths as given, each directory replaced by the image files under it (sorted).
 
-    Hidden files and folders inside a directory are skipped; a file named explicitly is kept
-    whatever its extension, so that a missing or unreadable one is reported, not ignored.
+    Image files are those with an extension Pillow reads. Hidden files and folders inside a
+    directory are skipped; a file named explicitly is kept whatever its extension, so that a
+    missing or unreadable one is reported, not ignored.
     """
+    extensions = Image.registered_extensions()
     out: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
@@ -55,7 +54,7 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
             sorted(
                 f
                 for f in path.rglob("*")
-                if f.suffix.lower() in IMAGE_EXTENSIONS
+                if f.suffix.lower() in extensions
                 and not any(part.startswith(".") for part in f.relative_to(path).parts)
                 and f.is_file()
             )

@@ -125,7 +125,8 @@ def _setup(
         size = get_preset(cfg.model).image_size
     elif size is None and Path(cfg.data).is_dir():
         size = FOLDER_IMAGE_SIZE
-    channels = config.in_channels if config else None
+    # A new model's `in_channels` override converts the data (e.g. a folder to grey).
+    channels = config.in_channels if config else cfg.model_overrides.get("in_channels")
     train_ds, val_ds = datasets or load_splits(cfg, size, channels)
     if pretrained is not None:
         model = _fit_pretrained(pretrained, cfg, train_ds)
@@ -210,7 +211,8 @@ def _train(
     # Sharded, the model is nowhere whole: rank 0 keeps a plain copy to evaluate and save.
     plain = copy.deepcopy(model) if cfg.shard and world.main else model
     net = distributed.wrap(model, world, cfg.shard)  # what forward and backward run through
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    fused = not cfg.shard and dev.type in ("cpu", "cuda")
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, fused)
     ema = [p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None
 
     steps_per_epoch = len(train_ds) // cfg.batch_size
