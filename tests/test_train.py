@@ -1,5 +1,10 @@
 import itertools
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,6 +15,7 @@ from vitkit import load_model
 from vitkit.cli import main
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.train import TrainConfig, load_recipe, train
+from vitkit.train.loop import model_config
 from vitkit.train.optim import lr_factor, param_groups
 from vitkit.weights import CheckpointError
 
@@ -79,6 +85,26 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     b = load_model(tmp_path / "part").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.val_acc == full.val_acc
+
+
+def test_ctrl_c_saves_the_run_and_resume_finishes_it(tmp_path):
+    """SIGINT mid-run: the step in progress ends, the state is saved, exit code 130."""
+    run = tmp_path / "run"
+    flags = [f"--set={k}={v}" for k, v in TINY.items()]
+    argv = ["train", "--data", "digits", "--model", "Ti/4@28", "--epochs", "500", "--quiet"]
+    argv += ["--batch-size", "64", "--precision", "fp32", "--out", str(run), *flags]
+    proc = subprocess.Popen([sys.executable, "-m", "vitkit", *argv], stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.pt").is_file():  # the first epoch is saved
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130
+    step, total = map(int, re.search(r"step (\d+)/(\d+)", out).groups())
+    assert 22 <= step < total == 500 * 22
+    resumed = train(TrainConfig(max_steps=step + 30), run, resume=True, progress=False)
+    assert resumed.step == step + 30 and not resumed.interrupted
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):
@@ -151,8 +177,10 @@ def test_cli_train_then_predict(tmp_path, capsys):
         "--out",
         str(run),
     ]
-    assert main(args) == 0
-    assert "held-out accuracy" in capsys.readouterr().out
+    assert main([*args, "--max-steps", "10"]) == 0  # stopped early, then resumed
+    assert "step 10/22" in capsys.readouterr().out
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert "step 22/22, held-out accuracy" in capsys.readouterr().out
     digits = load_dataset("digits", "test")
     from PIL import Image
 
@@ -163,6 +191,16 @@ def test_cli_train_then_predict(tmp_path, capsys):
     probs = [p["probability"] for p in out[0]["predictions"]]
     assert len(out) == 1 and len(probs) == 5 and out[0]["error"] is None
     assert probs == sorted(probs, reverse=True) and 0.0 < sum(probs) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize(("size", "patch"), [(28, 4), (32, 4), (8, 1), (64, 8)])
+def test_default_model_fits_the_data(size, patch):
+    """Without --model: the small preset, its patches cutting any other size into 8x8."""
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    data = ImageDataset(images, torch.tensor([0, 1, 2, 1]), ["a", "b", "c"])
+    c = model_config(TrainConfig(), data)
+    assert (c.image_size, c.patch_size, c.in_channels, c.num_classes) == (size, patch, 3, 3)
+    assert c.width == 192 and c.depth == 6
 
 
 def test_dataset_smaller_than_batch(tmp_path):

@@ -119,9 +119,9 @@ def load_dataset(
     files are, if not in the usual places. A folder with `train/` and `val/` or `test/`
     subfolders uses them; any other folder (or a lone `train/` in it) holds one subfolder per
     class and is split by `val_fraction` (stratified, fixed `seed`) into "train" and "val"
-    ("test" is accepted for "val"). Images come back with `channels`
-    channels (grey is repeated, colour becomes luma) at `image_size` x `image_size`; left
-    out, named datasets keep theirs and folders become 3 x 224 x 224.
+    ("test" is accepted for "val"). Images come back with `channels` channels (grey is
+    repeated, colour becomes luma) at `image_size` x `image_size`; left out, named datasets
+    keep theirs and folders become 3 x 224 x 224.
     """
     if spec in idx.KNOWN:
         ds = idx.load_idx(spec, _held_out_as_test(spec, split), data_dir)

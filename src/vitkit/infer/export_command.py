@@ -13,6 +13,7 @@ import torch
 
 from vitkit.config import ViTConfig
 from vitkit.data.folder import load_image
+from vitkit.infer.commands import trained_val_fraction
 from vitkit.infer.predict import expand_inputs, preprocess
 from vitkit.weights.format import SHIPPED_DIR, CheckpointError, load_model, resolve_model_dir
 
@@ -149,7 +150,7 @@ def _check_inputs(
             data_dir=data_dir,
             image_size=c.image_size,
             channels=c.in_channels,
-            val_fraction=float(train.get("val_fraction", 0.1)),
+            val_fraction=trained_val_fraction(model_dir),
         )
     except (ValueError, OSError) as e:  # DatasetError is a ValueError
         return None, f"its training data is not available ({e})"
