@@ -105,6 +105,7 @@ def test_ctrl_c_saves_the_run_and_resume_finishes_it(tmp_path):
     assert 22 <= step < total == 500 * 22
     resumed = train(TrainConfig(max_steps=step + 30), run, resume=True, progress=False)
     assert resumed.step == step + 30 and not resumed.interrupted
+    assert json.loads((run / "train.json").read_text())["max_steps"] == step + 30
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):

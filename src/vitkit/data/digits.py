@@ -22,7 +22,8 @@ def load_digits(split: str = "train") -> ImageDataset:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
         raise DatasetError(
-            "the 'digits' dataset ships with scikit-learn; install it (pip install scikit-learn)"
+            "the 'digits' dataset ships with scikit-learn; install it "
+            "(pip install 'vitkit[digits]', or pip install scikit-learn)"
         ) from None
     bunch = sklearn_digits()
     pixels = np.rint(bunch.images * (255 / 16)).astype(np.uint8)

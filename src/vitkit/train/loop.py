@@ -227,10 +227,10 @@ def _train(
         checkpoint.restore(model, optimizer, ema, state)
         step, best = state["step"], state["best_val_acc"]
         history = [m for m in _read_metrics(run_dir) if m["step"] <= step]
-    elif world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Rewritten on resume too: `max_steps` is the only setting a resumed run takes anew.
+        atomic_write(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
         atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history))
 
     bf16 = use_bf16(cfg, dev)
