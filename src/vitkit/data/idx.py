@@ -181,7 +181,7 @@ def load_idx_dir(
     if known:
         classes = known.classes
     elif classes is None:
-        classes = [str(i) for i in range(_class_count(directory, labels))]
+        classes = [str(i) for i in range(_class_count(directory, split, labels))]
     bad = (labels < 0) | (labels >= len(classes))
     if bad.any():
         i = int(bad.argmax())
@@ -202,11 +202,11 @@ def _identify(labels_path: Path, stem: str) -> str:
     return next((name for name, known in KNOWN.items() if known.md5[stem] == digest), "")
 
 
-def _class_count(directory: Path, labels: np.ndarray) -> int:
+def _class_count(directory: Path, split: str, labels: np.ndarray) -> int:
     """1 + the largest label of either split, so that both splits agree on the classes."""
     largest = int(labels.max())
-    for _, stem in FILES.values():
-        path = _find(directory, stem, required=False)
+    for other_split, (_, stem) in FILES.items():
+        path = _find(directory, stem, required=False) if other_split != split else None
         if path is not None:
             other = read_idx(path)
             if other.size and other.dtype.kind in "iu":
