@@ -74,16 +74,18 @@ def _corrupt(image_dir):
 
 
 def test_expand_inputs(image_dir):
-    # Any format Pillow reads, not only the common ones.
+    # Only the allowed formats' extensions: Pillow reads TGA, but it is not among them.
     Image.new("L", (5, 5)).save(image_dir / "sub" / "scan.tga")
+    Image.new("L", (5, 5)).save(image_dir / "sub" / "scan.tif")
     found = expand_inputs([image_dir])
     assert [p.relative_to(image_dir).as_posix() for p in found] == [
         "grey.png",
         "sub/alpha.png",
         "sub/pal.png",
-        "sub/scan.tga",
+        "sub/scan.tif",
         "wide.JPG",
     ]
+    (image_dir / "sub" / "scan.tif").unlink()
     (image_dir / "sub" / "scan.tga").unlink()
     # Files named explicitly are kept as given, before and after a directory.
     assert expand_inputs([image_dir / "notes.txt", image_dir / "sub"]) == [
@@ -287,7 +289,7 @@ def test_predict_command(biased_dir, image_dir, capsys):
 
     argv = ["predict", str(biased_dir), str(image_dir / "sub"), "--json", "--top-k", "2"]
     assert _run(add_predict_command, argv) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["path"] for r in rows] == [
         str(image_dir / "sub" / n) for n in ("alpha.png", "pal.png")
     ]
@@ -302,7 +304,7 @@ def test_predict_command_reports_bad_files(biased_dir, image_dir, tmp_path, caps
     assert len(captured.out.splitlines()) == 4 and "broken.png" in captured.err
 
     assert _run(add_predict_command, ["predict", str(biased_dir), str(broken), "--json"]) == 1
-    (row,) = json.loads(capsys.readouterr().out)
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["predictions"] == [] and "broken.png" in row["error"]
 
     (tmp_path / "empty").mkdir()

@@ -1,6 +1,8 @@
-"""Image folders: one subfolder per class, any format Pillow reads, decoded once into memory.
+"""Image folders: one subfolder per class, decoded once into memory.
 
-Every image goes through the same rules, here and at prediction time (`load_image`):
+Only regular files whose bytes are in one of `IMAGE_FORMATS` are read, whatever their names say:
+Pillow picks a decoder by the bytes, and would hand PostScript to Ghostscript. Every image goes
+through the same rules, here and at prediction time (`load_image`):
 
 1. EXIF orientation is applied, so images look as they do in a viewer.
 2. Modes become 8-bit grey or RGB: 16-bit grey (I;16, and I taken as 16-bit) is scaled by
@@ -14,24 +16,31 @@ Every image goes through the same rules, here and at prediction time (`load_imag
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from vitkit.data import DatasetError, ImageDataset, stratified_split
 
 # Below this many files, loading is quick enough that a progress bar is only noise.
 PROGRESS_MIN_FILES = 300
+# The formats read anywhere (files, folders, uploads), as `Image.open(formats=...)` takes them:
+# raster only, never EPS or PS. JPEG covers MPO, which Pillow's JPEG opener returns for
+# multi-picture files (naming MPO here would make Image.open fail on every other format).
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 
 class UnreadableImage(DatasetError):
-    """An image file that Pillow cannot decode (missing, corrupt, truncated, unsupported)."""
+    """An image file that cannot be read: missing, not a regular file, corrupt, truncated, or
+    not in one of `IMAGE_FORMATS`."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         super().__init__(f"{path}: cannot read image: {reason}")
@@ -39,6 +48,26 @@ class UnreadableImage(DatasetError):
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, which has no FIFOs to open
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+)
+
+
+def image_extensions() -> set[str]:
+    """The file name extensions (lower case, with the dot) of the formats in `IMAGE_FORMATS`."""
+    formats = {*IMAGE_FORMATS, "MPO"}
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in formats}
+
+
+def printable(text: str) -> str:
+    """`text` with its non-printable characters (newline, escape, bidi controls...) escaped as
+    in `repr`, so that a hostile file name cannot forge or hide lines of output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_image(
@@ -57,13 +86,36 @@ def load_image(
         return _to_tensor(_decode(source, channels, image_size, resample))
     path = Path(source)
     try:
-        with Image.open(path) as img:
+        with _open_regular(path) as f, Image.open(f, formats=IMAGE_FORMATS) as img:
             # JPEGs can decode straight at a reduced scale that still covers image_size.
             img.draft(None, (image_size, image_size))
             return _to_tensor(_decode(img, channels, image_size, resample))
+    except UnidentifiedImageError:
+        formats = ", ".join(IMAGE_FORMATS)
+        raise UnreadableImage(path, f"not an image in a format read here ({formats})") from None
     # Pillow's decoders raise many exception types on broken input; all mean "unreadable".
     except Exception as e:
         raise UnreadableImage(path, str(e) or type(e).__name__) from None
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, or OSError if it is not a regular file: opening a FIFO
+    would wait for a writer, and a device could block or never end."""
+    _check_regular(os.stat(path).st_mode)
+    # Non-blocking, should the path become a FIFO between the check and the open.
+    f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | _NONBLOCK))  # noqa: SIM115
+    try:
+        _check_regular(os.fstat(f.fileno()).st_mode)
+    except OSError:
+        f.close()
+        raise
+    return f
+
+
+def _check_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+        raise OSError(f"not a regular file ({kind})")
 
 
 def _decode(
@@ -163,15 +215,17 @@ def load_image_folder(
             continue
         kept.append(i)
     if not kept:
-        first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        first = f"; first: {printable(skipped[0][0])}: {skipped[0][1]}" if skipped else ""
         raise DatasetError(
             f"{root}: no readable images ({len(skipped)} unreadable, {ignored} file(s) of "
-            f"types Pillow does not read){first}"
+            f"other types){first}"
         )
     if skipped:
         print(
-            f"warning: {root}: skipped {len(skipped)} unreadable image file(s), "
-            f"e.g. {skipped[0][0]}: {skipped[0][1]}",
+            printable(
+                f"warning: {root}: skipped {len(skipped)} unreadable image file(s), "
+                f"e.g. {skipped[0][0]}: {skipped[0][1]}"
+            ),
             file=sys.stderr,
         )
     if len(kept) < len(files):
@@ -187,7 +241,7 @@ def load_image_folder(
 
 def _list_images(root: Path, classes: Sequence[str]) -> tuple[list[Path], list[int], int]:
     """(files, labels, how many files were ignored as not images), in a stable order."""
-    extensions = Image.registered_extensions()
+    extensions = image_extensions()
     files, labels, ignored = [], [], 0
     for label, cls in enumerate(classes):
         class_dir = root / cls

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from vitkit.data.folder import printable
 from vitkit.infer.evaluate import EvalReport, evaluate, save_report
 from vitkit.infer.optimize import PRECISIONS, optimize
 from vitkit.infer.predict import Classifier, expand_inputs
@@ -57,7 +58,7 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.add_argument("--json", action="store_true", help="print JSON lines, one object per image")
     add_precision_argument(p, "auto")
     p.set_defaults(func=cmd_predict)
     return p
@@ -198,9 +199,12 @@ def _print_report(report: EvalReport, title: str) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Each result printed as soon as its batch is classified, so that an interrupted run has
+    shown what it did; file names are escaped in text, exact in JSON."""
     paths = expand_inputs(args.inputs)
     if not paths:
-        print(f"vitkit predict: error: no image files in {', '.join(args.inputs)}", file=sys.stderr)
+        names = printable(", ".join(args.inputs))
+        print(f"vitkit predict: error: no image files in {names}", file=sys.stderr)
         return 2
     classifier = Classifier(
         args.model,
@@ -209,22 +213,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         num_images=len(paths),
     )
-    predictions = classifier.predict(paths, top_k=args.top_k)
-    for p in predictions:
+    failed = False
+    for p in classifier.predict_iter(paths, top_k=args.top_k):
         if p.error is not None:
-            print(f"vitkit predict: error: {p.error}", file=sys.stderr)
-    if args.json:
-        rows = [
-            {
+            failed = True
+            print(f"vitkit predict: error: {printable(p.error)}", file=sys.stderr, flush=True)
+        if args.json:
+            row = {
                 "path": p.source,
                 "predictions": [{"label": lb, "probability": pr} for lb, pr in p.labels],
                 "error": p.error,
             }
-            for p in predictions
-        ]
-        print(json.dumps(rows, indent=2))
-    else:
-        for p in predictions:
-            if p.error is None:
-                print(f"{p.source}: " + ", ".join(f"{lb} ({pr:.1%})" for lb, pr in p.labels))
-    return 1 if any(p.error is not None for p in predictions) else 0
+            print(json.dumps(row), flush=True)
+        elif p.error is None:
+            labels = ", ".join(f"{lb} ({pr:.1%})" for lb, pr in p.labels)
+            print(f"{printable(p.source)}: {labels}", flush=True)
+    return 1 if failed else 0

@@ -1,12 +1,12 @@
 """Classify images with a trained model: files, PIL images or tensors in, top-k labels out.
 
-Inputs are batched; an unreadable file gives a `Prediction` with `error` set and never stops
-the others from being classified.
+Inputs are batched and results come batch by batch (`Classifier.predict_iter`); an unreadable
+file gives a `Prediction` with `error` set and never stops the others from being classified.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from vitkit.config import ViTConfig
 from vitkit.data import DatasetError
-from vitkit.data.folder import load_image
+from vitkit.data.folder import image_extensions, load_image
 from vitkit.data.transforms import normalize, resize, to_float
 from vitkit.infer.labels import top_k as top_k_labels
 from vitkit.infer.optimize import optimize
@@ -40,11 +40,11 @@ class Prediction:
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """Paths as given, each directory replaced by the image files under it (sorted).
 
-    Image files are those with an extension Pillow reads. Hidden files and folders inside a
-    directory are skipped; a file named explicitly is kept whatever its extension, so that a
-    missing or unreadable one is reported, not ignored.
+    Image files are those with an extension of `IMAGE_FORMATS`. Hidden files and folders
+    inside a directory are skipped; a file named explicitly is kept whatever its extension or
+    kind, so that a missing or unreadable one is reported, not ignored.
     """
-    extensions = Image.registered_extensions()
+    extensions = image_extensions()
     out: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
@@ -122,18 +122,28 @@ class Classifier:
         return self.model.config
 
     def predict(
-        self, images: Sequence[ImageInput] | ImageInput, top_k: int = 5
+        self, images: Iterable[ImageInput] | ImageInput, top_k: int = 5
     ) -> list[Prediction]:
         """One `Prediction` per input, in order; a 4-D tensor counts as a batch of images.
 
         Float tensors are read as values in [0, 1], uint8 tensors as 0-255. Files that
         cannot be read get `error` set instead of labels.
         """
-        items = list(_sources(images))
-        results: list[Prediction] = []
-        for start in range(0, len(items), self.batch_size):
-            results.extend(self._predict_batch(items[start : start + self.batch_size], top_k))
-        return results
+        return list(self.predict_iter(images, top_k))
+
+    def predict_iter(
+        self, images: Iterable[ImageInput] | ImageInput, top_k: int = 5
+    ) -> Iterator[Prediction]:
+        """`predict`, lazily: each batch's results as soon as it is classified, reading only
+        as many inputs as one batch holds before that."""
+        batch: list[tuple[str, ImageInput]] = []
+        for item in _sources(images):
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from self._predict_batch(batch, top_k)
+                batch = []
+        if batch:
+            yield from self._predict_batch(batch, top_k)
 
     def _predict_batch(self, items: list[tuple[str, ImageInput]], k: int) -> list[Prediction]:
         results = [Prediction(source) for source, _ in items]
@@ -168,14 +178,17 @@ class Classifier:
         return preprocess(x.to(self.device), c)
 
 
-def _sources(images: Sequence[ImageInput] | ImageInput) -> Iterator[tuple[str, ImageInput]]:
-    """(name, image) for each input; names are paths, a PIL file name, or the position."""
+def _sources(images: Iterable[ImageInput] | ImageInput) -> Iterator[tuple[str, ImageInput]]:
+    """(name, image) for each input, a folder's images for a folder; names are paths, a PIL
+    file name, or the position."""
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     elif isinstance(images, torch.Tensor):
         images = list(images) if images.ndim == 4 else [images]
     for i, item in enumerate(images):
-        if isinstance(item, (str, Path)):
+        if isinstance(item, (str, Path)) and Path(item).is_dir():
+            yield from ((str(f), f) for f in expand_inputs([item]))
+        elif isinstance(item, (str, Path)):
             yield str(item), item
         elif isinstance(item, Image.Image):
             yield getattr(item, "filename", "") or f"<image {i}>", item

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect
 
 from vitkit import __version__
 from vitkit.config import ViTConfig
-from vitkit.data.folder import load_image
+from vitkit.data.folder import IMAGE_FORMATS, load_image
 from vitkit.infer.labels import top_k as top_k_labels
 from vitkit.infer.optimize import OptimizedViT, input_spec, optimize
 from vitkit.infer.predict import preprocess
@@ -54,8 +54,6 @@ from vitkit.weights.format import load_model, resolve_model_dir
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo still fits
 DEFAULT_TOP_K = 5
-# Raster formats only: Pillow would hand an EPS file to Ghostscript.
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Decoding threads bound how many uploads are held decoded in memory at once.
 _DECODE_WORKERS = min(4, os.cpu_count() or 1)
