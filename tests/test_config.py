@@ -11,7 +11,7 @@ def test_json_round_trip_every_preset():
 
 
 def test_json_ints_accepted_for_floats():
-    d = PRESETS["Ti/16"].to_dict() | {"mlp_ratio": 4, "ln_eps": 0}
+    d = PRESETS["Ti/16"].to_dict() | {"mlp_ratio": 4, "ln_eps": 1}
     assert ViTConfig.from_dict(d).mlp_ratio == 4
 
 

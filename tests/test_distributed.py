@@ -2,6 +2,7 @@
 resumed on another number of processes; stopped with a clear error when a process dies."""
 
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -136,8 +137,15 @@ def test_two_processes_train_like_one(single, digits, tmp_path, shard):
     codes, _ = _spawn(2, cfg, tmp_path / "run", digits)
     assert codes == [0, 0]
     _assert_close(load_model(tmp_path / "run").state_dict(), single[1])
-    ckpt = tmp_path / "run/checkpoints"
-    assert (ckpt / "last.json").is_file() == shard and (ckpt / "last.pt").is_file() != shard
+    # Sharded, each process writes its own safetensors shard; no pickle in either form.
+    state = (
+        tmp_path
+        / "run/checkpoints"
+        / json.loads((tmp_path / "run/checkpoints/last.json").read_text())["state"]
+    )
+    writers = {p.name.split("-model-")[0] for p in state.glob("*.safetensors")}
+    assert writers == ({"shard-00001", "shard-00002"} if shard else {"shard-00001"})
+    assert sorted(p.name for p in state.iterdir() if p.suffix != ".safetensors") == ["state.json"]
 
 
 def test_resume_on_another_number_of_processes(single, digits, tmp_path):

@@ -95,7 +95,7 @@ def test_ctrl_c_saves_the_run_and_resume_finishes_it(tmp_path):
     argv += ["--batch-size", "64", "--precision", "fp32", "--out", str(run), *flags]
     proc = subprocess.Popen([sys.executable, "-m", "vitkit", *argv], stdout=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "last.pt").is_file():  # the first epoch is saved
+    while not (run / "checkpoints" / "last.json").is_file():  # the first epoch is saved
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -188,9 +188,9 @@ def test_cli_train_then_predict(tmp_path, capsys):
     for i in range(3):
         Image.fromarray(digits.images[i, 0].numpy()).save(tmp_path / f"{i}.png")
     assert main(["predict", str(run), str(tmp_path / "0.png"), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    probs = [p["probability"] for p in out[0]["predictions"]]
-    assert len(out) == 1 and len(probs) == 5 and out[0]["error"] is None
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    probs = [p["probability"] for p in row["predictions"]]
+    assert len(probs) == 5 and row["error"] is None
     assert probs == sorted(probs, reverse=True) and 0.0 < sum(probs) <= 1.0 + 1e-6
 
 

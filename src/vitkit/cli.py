@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,7 +17,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from vitkit.model import ViT, count_params, flops
+    from vitkit.model import count_params, flops
 
     print(
         f"{'preset':<12} {'image':>5} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} "
@@ -24,7 +26,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, cfg in PRESETS.items():
         if args.num_classes is not None:
             cfg = cfg.replace(num_classes=args.num_classes)
-        params = count_params(ViT(cfg)) if args.exact else _param_formula(cfg)
+        params = count_params(cfg)  # counted on a model built without memory
         print(
             f"{name:<12} {cfg.image_size:>5} {cfg.token_stride:>5} {cfg.width:>5} "
             f"{cfg.depth:>5} {cfg.heads:>5} {params:>13,} {flops(cfg) / 1e9:>8.2f}"
@@ -35,24 +37,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 _CREATE_FLAGS = ("num_classes", "image_size", "patch_size", "in_channels", "drop_path")
-
-
-def _param_formula(c: ViTConfig) -> int:
-    """Parameter count without building the model (H/14 would take seconds)."""
-    d, m = c.width, c.mlp_dim
-    patch = c.cnn_channels * c.patch_size**2 * d + d
-    tokens = int(c.class_token) * d + c.num_registers * d + c.num_pos_embeds * d
-    qkv_bias = 3 * d if c.qkv_bias else 0
-    block = 2 * 2 * d + (3 * d * d + qkv_bias) + (d * d + d) + (d * m + m) + (m * d + d)
-    head = (d * c.num_classes + c.num_classes) if c.num_classes else 0
-    if c.resnet_layers is not None:  # the hybrid's CNN: small and quick to build
-        from vitkit.model import count_params
-        from vitkit.model.resnet import ResNetV2
-
-        patch += count_params(
-            ResNetV2(c.in_channels, c.resnet_layers, c.resnet_width, c.resnet_stem)
-        )
-    return patch + tokens + c.depth * block + 2 * d + head
 
 
 def describe_patches(c: ViTConfig) -> str:
@@ -99,6 +83,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from vitkit.data.folder import printable
     from vitkit.model import count_params, flops
     from vitkit.weights import load_model
     from vitkit.weights.format import resolve_model_dir
@@ -123,9 +108,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"  parameters {info['parameters']:,}   GFLOPs {info['gflops']}")
     print(
-        f"  classes {cfg.num_classes}: {', '.join(model.labels) if model.labels else '(unnamed)'}"
+        f"  classes {cfg.num_classes}: "
+        + (printable(", ".join(model.labels)) if model.labels else "(unnamed)")
     )
     print(f"  pool {cfg.pool}, registers {cfg.num_registers}, mean {cfg.mean}, std {cfg.std}")
+    if cfg.source:
+        print(f"  from {cfg.source}")
     return 0
 
 
@@ -149,6 +137,7 @@ _TRAIN_SETTINGS = (
     "layer_decay",
     "grad_accum",
     "shard",
+    "save_every",
 )
 
 
@@ -182,13 +171,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{result.run_dir}: step {result.step}/{result.total_steps}, held-out accuracy "
             f"{acc}, {result.seconds / 60:.1f} min"
         )
-    return 130 if result.interrupted else 0
+    if result.stop_signal is not None:  # the shell's convention: 128 + the signal's number
+        return 128 + result.stop_signal
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_safetensors
 
-    from vitkit.weights import guess_format, load_pretrained, save_model
+    from vitkit.weights import atomic_write, guess_format, load_pretrained, save_model
     from vitkit.weights.hf import to_hf
     from vitkit.weights.timm import to_timm
 
@@ -199,11 +190,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.to == "hf":
         to_hf(model, args.out_dir)
     else:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        save_file(to_timm(model), Path(args.out_dir) / "model.safetensors")
+        weights = save_safetensors(to_timm(model), metadata={"format": "pt"})
+        atomic_write(Path(args.out_dir) / "model.safetensors", weights)
     c = model.config
+    pinned = f" [{c.source}]" if c.source else ""
     print(
-        f"{args.src} ({source}) -> {args.out_dir} ({args.to}): width {c.width}, depth "
+        f"{args.src} ({source}){pinned} -> {args.out_dir} ({args.to}): width {c.width}, depth "
         f"{c.depth}, heads {c.heads}, {describe_patches(c)}, {c.image_size}px, "
         f"{c.num_classes} classes"
     )
@@ -243,17 +235,28 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a ViTConfig override")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument(
+        "--save-every",
+        type=float,
+        metavar="MINUTES",
+        help="save the training state this often within an epoch (default: 5; and at every "
+        "epoch's end, on Ctrl-C and on SIGTERM)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description=__doc__)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the traceback too (or set VITKIT_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list presets with parameter counts and GFLOPs")
     p.add_argument("--num-classes", type=int, help="head size to count with (default: preset's)")
-    p.add_argument("--exact", action="store_true", help="count by building each model")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("create", help="build a model from a preset and save it")
@@ -330,15 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vitkit.runtime import reuse_freed_memory
-    from vitkit.weights import CheckpointError
+    from vitkit.weights.format import CheckpointError, one_line
 
     reuse_freed_memory()
-
+    debug = args.debug or os.environ.get("VITKIT_DEBUG", "0") not in ("", "0")
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # the reader is gone (`vitkit predict ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
+        return 128 + 13  # as if killed by SIGPIPE
+    except Exception as e:  # one line naming the problem; the traceback only when asked
+        expected = isinstance(e, (CheckpointError, ValueError, FileNotFoundError))
+        if debug:
+            traceback.print_exc()
+        what = "" if expected else f"{type(e).__name__}: "
+        hint = "" if expected or debug else " (run with --debug for the traceback)"
+        print(f"vitkit {args.command}: error: {what}{one_line(str(e))}{hint}", file=sys.stderr)
+        return 2 if expected else 1
 
 
 if __name__ == "__main__":

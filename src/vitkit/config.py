@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -48,20 +49,40 @@ class ViTConfig:
     resnet_layers: tuple[int, ...] | None = None
     resnet_width: int = 64
     resnet_stem: Literal["imagenet", "small"] = "imagenet"
+    # Provenance, not architecture: the Hub checkpoint the weights were downloaded from, or
+    # after fine-tuning started from, pinned to a commit ("hf:org/name@<sha>"). Equal configs
+    # may come from different places, so comparisons ignore it.
+    source: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_floats(self)
         positive = ("image_size", "patch_size", "in_channels", "width", "depth", "heads")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"ViTConfig.{name} must be positive, got {_brief(getattr(self, name))}"
+                )
         if self.num_classes < 0 or self.num_registers < 0:
             raise ValueError("ViTConfig.num_classes and num_registers must be >= 0")
+        for name, limit in SIZE_LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ValueError(
+                    f"ViTConfig.{name} must be at most {limit:,}, got {_brief(getattr(self, name))}"
+                )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.mlp_dim < 1:
+            raise ValueError(f"ViTConfig.mlp_ratio {self.mlp_ratio} leaves the MLP no units")
         if self.resnet_layers is not None:
             if not self.resnet_layers or min(self.resnet_layers) < 1:
                 raise ValueError("resnet_layers needs at least one stage of at least one block")
+            stages, most = len(self.resnet_layers), max(self.resnet_layers)
+            if stages > MAX_RESNET_STAGES or most > MAX_RESNET_BLOCKS:
+                raise ValueError(
+                    f"ViTConfig.resnet_layers must have at most {MAX_RESNET_STAGES} stages of at "
+                    f"most {MAX_RESNET_BLOCKS} blocks, got {_brief(list(self.resnet_layers))}"
+                )
             if self.resnet_width <= 0 or self.resnet_width % 32:
                 raise ValueError("resnet_width must be a positive multiple of 32 (GroupNorm)")
         if self.image_size % self.token_stride:
@@ -77,10 +98,14 @@ class ViTConfig:
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError(f"mean and std need one value per input channel ({self.in_channels})")
         if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
+            raise ValueError("ViTConfig.std values must be positive")
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViTConfig.{name} must be in [0, 1)")
+        if self.source is not None and (len(self.source) > 1000 or not self.source.isprintable()):
+            raise ValueError(
+                "ViTConfig.source must be one printable line of at most 1000 characters"
+            )
 
     # -- derived sizes ---------------------------------------------------------
     @property
@@ -174,6 +199,55 @@ class ViTConfig:
 
 _TUPLE_FIELDS = ("mean", "std", "resnet_layers")
 
+# -- limits ------------------------------------------------------------------------
+# A config.json may come from anyone, so every size is bounded before a model is built: far
+# above any published ViT (ViT-22B: width 6144, depth 48, 48 heads; ImageNet-21k: 21,843
+# classes), low enough that a hostile file cannot ask for terabytes of memory.
+SIZE_LIMITS = {
+    "image_size": 8192,
+    "patch_size": 1024,
+    "in_channels": 1024,
+    "num_classes": 1_000_000,
+    "width": 16384,
+    "depth": 1024,
+    "heads": 1024,
+    "num_registers": 1024,
+    "resnet_width": 4096,
+}
+MAX_RESNET_STAGES = 8
+MAX_RESNET_BLOCKS = 256  # per stage; ResNet-152's largest stage has 36
+MAX_MLP_RATIO = 64.0
+# ViT-e (3.9 billion) fits; 4 billion float32 parameters take 16 GB.
+MAX_PARAMS = 4_000_000_000
+
+
+def _check_floats(cfg: ViTConfig) -> None:
+    """NaN and infinity parse from JSON; none of them, nor a float-overflowing int, is a
+    setting. Ranges that the fields' meaning fixes are checked here too."""
+    for name in ("mlp_ratio", "ln_eps", "dropout", "attn_dropout", "drop_path", "mean", "std"):
+        value = getattr(cfg, name)
+        if not all(_finite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise ValueError(f"ViTConfig.{name} must be finite, got {_brief(value)}")
+    if not 0 < cfg.mlp_ratio <= MAX_MLP_RATIO:
+        raise ValueError(
+            f"ViTConfig.mlp_ratio must be in (0, {MAX_MLP_RATIO}], got {_brief(cfg.mlp_ratio)}"
+        )
+    if not 0 < cfg.ln_eps <= 1:
+        raise ValueError(f"ViTConfig.ln_eps must be in (0, 1], got {_brief(cfg.ln_eps)}")
+
+
+def _brief(value: Any) -> str:
+    """`value` for an error message, cut short: a hostile file's values can be megabytes."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
 
 def resnet_stride(layers: tuple[int, ...] | None, stem: str) -> int:
     """How much a hybrid's ResNet shrinks the image: 4 for the ImageNet stem, then 2 for each
@@ -193,30 +267,31 @@ def _check_types(cfg: ViTConfig) -> None:
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
-        if not _is_instance(value, hint):
+        if not is_instance(value, hint):
             raise ValueError(
-                f"ViTConfig.{f.name} must be {_type_name(hint)}, got {value!r} "
+                f"ViTConfig.{f.name} must be {type_name(hint)}, got {_brief(value)} "
                 f"({type(value).__name__})"
             )
 
 
-def _is_instance(value: Any, hint: Any) -> bool:
+def is_instance(value: Any, hint: Any) -> bool:
+    """Whether `value` (as JSON or TOML gives it) is of the annotated type `hint`."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         return value in typing.get_args(hint)
     if origin is tuple:
         (item, _) = typing.get_args(hint)
-        return isinstance(value, tuple) and all(_is_instance(v, item) for v in value)
+        return isinstance(value, tuple) and all(is_instance(v, item) for v in value)
     if origin in (typing.Union, types.UnionType):
-        return any(_is_instance(value, h) for h in typing.get_args(hint))
+        return any(is_instance(value, h) for h in typing.get_args(hint))
     if hint is float:  # JSON writes 1.0 as 1; accept ints for floats, never bools
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+    return isinstance(value, origin or hint)  # dict[str, Any]: any dict
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -39,7 +39,8 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_pos_embeds, c.width))
         self.pos_drop = nn.Dropout(c.dropout)
         # Stochastic depth grows linearly with depth, as in DeiT / timm.
-        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        # (Computed on the CPU even when the model is built on the meta device, see `state_shapes`.)
+        rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(c.width, c.heads, c.mlp_dim, c.qkv_bias, c.dropout, c.attn_dropout, r, c.ln_eps)
             for r in rates
@@ -48,7 +49,10 @@ class ViT(nn.Module):
         self.fc_norm = nn.LayerNorm(c.width, eps=c.ln_eps) if c.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.width, c.num_classes) if c.num_classes else nn.Identity()
-        self.init_weights()
+        # A model on the meta device has no values to initialise (and initialising them would
+        # load torch's reference kernels, seconds the first time).
+        if self.pos_embed.device.type != "meta":
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -169,8 +173,19 @@ def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], num_prefix: int
     return torch.cat([prefix, patches], dim=1)
 
 
-def count_params(model: nn.Module) -> int:
+def count_params(model: nn.Module | ViTConfig) -> int:
+    """Parameters of a model, or of the model a config describes (without building it)."""
+    if isinstance(model, ViTConfig):
+        return sum(math.prod(shape) for shape in state_shapes(model).values())
     return sum(p.numel() for p in model.parameters())
+
+
+def state_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in the model's state dict, from a model built on the
+    meta device: no memory spent, so a weights file can be checked before the model is built."""
+    with torch.device("meta"):
+        model = ViT(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def flops(config: ViTConfig, image_size: int | None = None) -> int:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vitkit.config import is_instance, type_name
 from vitkit.data.transforms import AugmentConfig
 
 
@@ -35,6 +37,9 @@ class TrainConfig:
     # compiling, but the Fashion-MNIST preset's 6% slower, hence off unless asked for.
     compile: bool = False
     seed: int = 0
+    # Minutes between saves of the training state within an epoch (every epoch's end saves
+    # too): a killed run loses at most this much work.
+    save_every: float = 5.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Fine-tuning: start from these weights (a model dir or name, a timm file, a Hugging Face
     # dir, a Google .npz); `num_classes` asks for a new head; the probe trains the head only.
@@ -58,12 +63,25 @@ class TrainConfig:
                 d["augment"] = AugmentConfig(**d["augment"])
             except TypeError as e:
                 raise ValueError(f"[augment]: {e}") from None
+        _check_types(cls, d)
         cfg = cls(**d)
         if cfg.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lr <= 0:
             raise ValueError("epochs, batch_size and grad_accum must be >= 1 and lr > 0")
+        if not cfg.save_every >= 0:
+            raise ValueError(f"save_every must be >= 0 minutes, got {cfg.save_every}")
         return cfg
+
+
+def _check_types(cls: type, settings: dict[str, Any]) -> None:
+    """Every setting of the type its field declares (augment: already an AugmentConfig), so
+    that a hand-edited or hostile file fails here, not deep inside training."""
+    hints = typing.get_type_hints(cls)
+    for key, value in settings.items():
+        if key != "augment" and not is_instance(value, hints[key]):
+            got = repr(value)[:100]  # a hostile file's values can be megabytes
+            raise ValueError(f"training setting {key} must be {type_name(hints[key])}, got {got}")
 
 
 @dataclass

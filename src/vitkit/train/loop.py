@@ -1,5 +1,7 @@
 """The training loop: in-memory data, batched augmentation, AdamW, warmup + cosine, EMA,
-per-epoch evaluation, atomic checkpoints and exact resume, on one process or many (torchrun).
+per-epoch evaluation, checkpoints every few minutes and exact resume, on one process or many
+(torchrun). Ctrl-C and SIGTERM finish the step, save and stop; a kill loses at most the time
+since the last save.
 
 Every step draws its randomness (batch order, augmentation, dropout) from generators seeded by
 (seed, epoch, step), so a run resumed from any step retraces the uninterrupted one exactly. With
@@ -11,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
+import math
 import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +39,11 @@ from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
 from vitkit.runtime import reuse_freed_memory
 from vitkit.train import checkpoint, distributed
-from vitkit.train.checkpoint import load_state
+from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
 from vitkit.train.optim import build_optimizer, lr_factor
-from vitkit.weights import atomic_write, load_pretrained, save_model
+from vitkit.weights import CheckpointError, atomic_write, load_pretrained, save_model
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train.json"
@@ -53,6 +58,8 @@ class TrainResult:
     best_val_acc: float | None
     seconds: float
     interrupted: bool = False
+    # The signal that stopped the run early (SIGINT or SIGTERM), if one did.
+    stop_signal: int | None = None
 
 
 # -- choices ---------------------------------------------------------------------------
@@ -108,14 +115,14 @@ def load_splits(
 
 def _setup(
     cfg: TrainConfig,
-    state: dict[str, Any] | None,
+    state: SavedState | None,
     datasets: tuple[ImageDataset, ImageDataset] | None,
 ) -> tuple[ViT, ImageDataset, ImageDataset]:
     """The model to train and its data: resumed from `state`, fine-tuned from `cfg.init`, or
     new from a preset fitted to the data."""
     pretrained = load_pretrained(cfg.init) if cfg.init and state is None else None
     if state is not None:
-        config = ViTConfig.from_dict(state["model_config"])
+        config = _saved(state, "model_config", ViTConfig.from_dict)
     else:
         config = pretrained.config if pretrained is not None else None
     size = cfg.model_overrides.get("image_size", config.image_size if config else None)
@@ -187,25 +194,42 @@ def train(
     alone evaluates, logs and writes the model, and all return the same result.
     """
     run_dir = Path(run_dir)
-    state = load_state(run_dir) if resume else None
-    if state is not None:
+    main = distributed.rank() == 0
+    if main:
+        checkpoint.clean(run_dir)
+    states = checkpoint.find_states(run_dir, warn=main) if resume else []
+    if states:
         # The run's own settings hold, except how far to go this time.
-        cfg = TrainConfig.from_dict(state["train_config"] | {"max_steps": cfg.max_steps})
+        max_steps = cfg.max_steps
+        cfg = _saved(
+            states[0], "train_config", lambda d: TrainConfig.from_dict(d | {"max_steps": max_steps})
+        )
     reuse_freed_memory()
     with distributed.joined(distributed.pick_device(device), cfg.shard) as world:
-        return _train(cfg, run_dir, state, world, progress and world.main, datasets)
+        return _train(cfg, run_dir, states, world, progress and world.main, datasets)
+
+
+def _saved(state: SavedState, key: str, parse: Callable[[dict[str, Any]], Any]) -> Any:
+    """`parse` of settings a saved state holds, any error in them named by the file."""
+    try:
+        return parse(state.meta[key])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{state.path / checkpoint.STATE_JSON}: {key}: {e}") from None
 
 
 def _train(
     cfg: TrainConfig,
     run_dir: Path,
-    state: dict[str, Any] | None,
+    states: list[SavedState],
     world: World,
     progress: bool,
     datasets: tuple[ImageDataset, ImageDataset] | None,
 ) -> TrainResult:
     dev = world.device
-    model, train_ds, val_ds = _setup(cfg, state, datasets)
+    model, train_ds, val_ds = _setup(cfg, states[0] if states else None, datasets)
+    if not states and str(cfg.init).startswith(("hf:", "timm:")):
+        # A Hub name pinned to the commit it resolved to, so that train.json reproduces it.
+        cfg = dataclasses.replace(cfg, init=model.config.source or cfg.init)
     model.to(dev)
     config = model.config
     # Sharded, the model is nowhere whole: rank 0 keeps a plain copy to evaluate and save.
@@ -221,17 +245,19 @@ def _train(
     parts = world.micro_batches(cfg.batch_size, cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    step, best, history = 0, None, []
-    if state is not None:
-        world.check_same(state["step"], "the step to resume from")
-        checkpoint.restore(model, optimizer, ema, state)
-        step, best = state["step"], state["best_val_acc"]
+    step, best, history, sums = 0, None, [], (0, 0, 0.0)
+    if states:
+        state = _restore(states, model, optimizer, ema, world.main)
+        world.check_same(state.step, "the step to resume from")
+        step, best = state.step, state.meta["best_val_acc"]
         history = [m for m in _read_metrics(run_dir) if m["step"] <= step]
+        if step % steps_per_epoch:  # mid-epoch: the epoch's running figures go on
+            sums = _saved(state, "epoch_sums", _epoch_sums)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # Rewritten on resume too: `max_steps` is the only setting a resumed run takes anew.
         atomic_write(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history))
+        _write_metrics(run_dir, history)
 
     bf16 = use_bf16(cfg, dev)
     if cfg.compile:
@@ -243,10 +269,22 @@ def _train(
     images, labels = train_ds.images.to(dev), train_ds.labels.to(dev)
     stop_after = min(total, cfg.max_steps) if cfg.max_steps is not None else total
     val_acc = None
-    start = time.perf_counter()
+    start = last_save = time.perf_counter()
 
-    with _stop_on_sigint() as stop_requested:
-        stop = False  # Ctrl-C in any process, once all of them have heard of it
+    def save() -> None:
+        nonlocal last_save
+        meta = {
+            "step": step,
+            "best_val_acc": best,
+            "epoch_sums": list(sums),
+            "train_config": cfg.to_dict(),
+            "model_config": config.to_dict(),
+        }
+        checkpoint.save(run_dir, model, optimizer, ema, meta, cfg.shard, world.main)
+        last_save = time.perf_counter()
+
+    with _stop_on_signals() as stop_signal:
+        stop = False  # Ctrl-C or SIGTERM in any process, once all of them have heard of it
         while step < stop_after and not stop:
             epoch = step // steps_per_epoch
             perm = torch.randperm(len(train_ds), generator=_gen(cfg.seed, epoch, -1)).to(dev)
@@ -258,9 +296,9 @@ def _train(
                 unit="step",
                 dynamic_ncols=True,
             )
-            seen = correct = 0
-            loss_sum = 0.0
-            t0 = time.perf_counter()
+            # (images, correct predictions, summed loss) of the epoch so far
+            sums = sums if step % steps_per_epoch else (0, 0, 0.0)
+            seen_here, t0 = 0, time.perf_counter()  # for images/s: this process's part only
             net.train()
             while step < stop_after and step // steps_per_epoch == epoch and not stop:
                 i = step % steps_per_epoch
@@ -275,18 +313,23 @@ def _train(
                     net, model, optimizer, ema, x, targets, lr, cfg, autocast, parts, dropout_seed
                 )
                 step += 1
-                losses, hits, stops = world.sum([losses, hits, float(stop_requested())])
+                # Rank 0's clock decides when to save, so that all processes save together.
+                due = world.main and time.perf_counter() - last_save >= cfg.save_every * 60
+                losses, hits, stops, saves = world.sum(
+                    [losses, hits, float(stop_signal() is not None), float(due)]
+                )
                 stop = stops > 0
-                seen += len(idx)
-                correct += int(hits)
-                loss_sum += losses
+                sums = (sums[0] + len(idx), sums[1] + int(hits), sums[2] + losses)
+                seen_here += len(idx)
                 bar.update()
                 bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}",
-                    acc=f"{correct / seen:.3f}",
+                    loss=f"{sums[2] / sums[0]:.3f}",
+                    acc=f"{sums[1] / sums[0]:.3f}",
                     lr=f"{lr:.2e}",
-                    img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                    img_s=f"{seen_here / (time.perf_counter() - t0):.0f}",
                 )
+                if saves and not stop and step % steps_per_epoch and step < stop_after:
+                    save()  # mid-epoch; the epoch's end and a stop save below
             bar.close()
             if step % steps_per_epoch == 0 or step == stop_after:
                 # Curves are redrawn about 20 times a run (and at its end): plotting costs
@@ -303,31 +346,29 @@ def _train(
                         val_ds,
                         autocast,
                         best,
+                        history,
                         {
                             "epoch": step / steps_per_epoch,
                             "step": step,
                             "lr": lr,
-                            "train_loss": loss_sum / max(seen, 1),
-                            "train_acc": correct / max(seen, 1),
-                            "images_per_second": seen / (time.perf_counter() - t0),
+                            "train_loss": sums[2] / max(sums[0], 1),
+                            "train_acc": sums[1] / max(sums[0], 1),
+                            "images_per_second": seen_here / (time.perf_counter() - t0),
                             "elapsed_s": time.perf_counter() - start,
                         },
                         progress,
                         plot,
                     )
                 val_acc, best = world.broadcast((val_acc, best))
-            meta = {
-                "step": step,
-                "best_val_acc": best,
-                "train_config": cfg.to_dict(),
-                "model_config": config.to_dict(),
-            }
-            checkpoint.save(run_dir, model, optimizer, ema, meta, cfg.shard, world.main)
+            save()
+        received = stop_signal() if stop else None
         interrupted = stop
     if interrupted and progress:
         print(f"interrupted at step {step}; resume with: vitkit train --resume {run_dir}")
+    if interrupted and received is None:
+        received = signal.SIGINT  # another process was stopped
     return TrainResult(
-        run_dir, step, total, val_acc, best, time.perf_counter() - start, interrupted
+        run_dir, step, total, val_acc, best, time.perf_counter() - start, interrupted, received
     )
 
 
@@ -392,11 +433,13 @@ def _end_epoch(
     val_ds: ImageDataset,
     autocast: torch.autocast,
     best: float | None,
+    history: list[dict[str, Any]],
     metrics: dict[str, Any],
     progress: bool,
     plot: bool,
 ) -> tuple[float, float]:
-    """Evaluate (the EMA weights if kept), log, save the model and the best one so far."""
+    """Evaluate (the EMA weights if kept), log into `history`, save the model and the best one
+    so far."""
     with _weights(model, ema):
         with autocast:
             report = evaluate(model, val_ds, progress=False)
@@ -405,8 +448,8 @@ def _end_epoch(
         if best is None or report.top1 > best:
             best = report.top1
             save_model(model, run_dir / "best")
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    history.append(metrics)
+    _write_metrics(run_dir, history)
     if plot:
         plot_curves(run_dir / METRICS_FILE, run_dir)
     if progress:
@@ -433,32 +476,87 @@ def _weights(model: ViT, ema: list[torch.Tensor] | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stop_on_sigint() -> Iterator[Any]:
-    """Ctrl-C finishes the current step, then the loop saves its state and stops cleanly."""
-    flag = {"stop": False}
+def _stop_on_signals() -> Iterator[Callable[[], int | None]]:
+    """Ctrl-C (SIGINT) or SIGTERM (`docker stop`, a cluster taking the machine back) finishes
+    the current step, then the loop saves its state and stops; yields which signal came."""
+    received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:  # a second Ctrl-C: the user really means it
+        if received:  # a second signal: the user really means it
             raise KeyboardInterrupt
-        flag["stop"] = True
+        received.append(signum)
 
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not in the main thread: no handler, no graceful stop.
+        with contextlib.suppress(ValueError):
+            previous[sig] = signal.signal(sig, handler)
     try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: no handler, no graceful stop
-        previous = None
-    try:
-        yield lambda: flag["stop"]
+        yield lambda: received[0] if received else None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _gen(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % 2**63)
 
 
+def _restore(
+    states: list[SavedState],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: list[torch.Tensor] | None,
+    main: bool,
+) -> SavedState:
+    """Load the newest state that loads, falling back (with a message) to the one before it
+    when the newest is unreadable; states of other settings are never mixed in."""
+    errors = []
+    for state in states:
+        if any(state.meta[k] != states[0].meta[k] for k in ("model_config", "train_config")):
+            errors.append(f"{state.path}: saved with other settings than {states[0].path}")
+            continue
+        try:
+            checkpoint.restore(model, optimizer, ema, state)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors and main:
+            print(f"warning: resume: {errors[-1]}; resuming from {state.path}", file=sys.stderr)
+        return state
+    raise CheckpointError("; ".join(errors))
+
+
+def _epoch_sums(value: Any) -> tuple[int, int, float]:
+    """(images, correct, summed loss) of a saved epoch in progress."""
+    ok = isinstance(value, list) and len(value) == 3
+    if not ok or not all(isinstance(v, int | float) and math.isfinite(v) for v in value):
+        raise ValueError(f"expected [images, correct, loss], got {str(value)[:100]}")
+    return int(value[0]), int(value[1]), float(value[2])
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, rewritten whole each time so that a kill never tears a line."""
+    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history))
+
+
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The logged epochs of a run; lines that are not such a record (torn by an older version's
+    kill, or edited) are skipped with a warning, since a log must never block a resume."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad += line.strip() != ""
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return records

@@ -1,11 +1,19 @@
 """Checkpoints: vitkit's own format, and converters from timm, Hugging Face and Google."""
 
+import re
 from functools import partial
 from pathlib import Path
 
 from vitkit.infer.labels import imagenet1k_labels
 from vitkit.model.vit import ViT
-from vitkit.weights.format import CheckpointError, atomic_write, load_model, save_model
+from vitkit.weights.format import (
+    CheckpointError,
+    atomic_write,
+    load_model,
+    one_line,
+    read_json,
+    save_model,
+)
 
 FORMATS = ("vitkit", "timm", "hf", "npz")
 
@@ -13,13 +21,13 @@ FORMATS = ("vitkit", "timm", "hf", "npz")
 def guess_format(src: str | Path) -> str:
     """npz for Google's files, timm for other weights files, hf for a transformers
     directory, vitkit for ours (or a shipped model's name)."""
-    import json
-
     src = Path(src)
     if src.is_dir():
         config = src / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
-            return "hf"
+        if config.is_file():
+            data = read_json(config)
+            if isinstance(data, dict) and data.get("model_type") == "vit":
+                return "hf"
         return "vitkit"
     if src.suffix == ".npz":
         return "npz"
@@ -30,27 +38,37 @@ def load_pretrained(src: str | Path, fmt: str | None = None, heads: int | None =
     """A model from any checkpoint vitkit reads, its format guessed unless given.
 
     `hf:<repo>` and `timm:<repo>` name Hugging Face Hub repositories, downloaded (and cached)
-    with `huggingface_hub` when the network allows.
+    with `huggingface_hub` when the network allows; `@<revision>` (a commit, tag or branch)
+    after the name picks a version. The commit it resolved to is kept in the model's
+    `config.source`, so that a saved model names exactly what it came from.
     """
     from vitkit.weights.hf import from_hf
     from vitkit.weights.npz import from_npz
     from vitkit.weights.timm import from_timm
 
+    source = None
     if str(src).startswith(("hf:", "timm:")):
-        fmt, src = download(str(src))
+        fmt, src, source = download(str(src))
     fmt = fmt or guess_format(src)
     if fmt == "vitkit":
         return load_model(src)
     readers = {"timm": partial(from_timm, heads=heads), "hf": from_hf, "npz": from_npz}
     model = readers[fmt](src)
+    if source is not None:
+        model.config = model.config.replace(source=source)
     if model.labels is None and model.config.num_classes == 1000:
         model.labels = imagenet1k_labels()  # a 1000-class head is ImageNet-1k's
     return model
 
 
-def download(name: str) -> tuple[str, Path]:
-    """(format, local path) for `hf:<repo>` (a transformers directory) or `timm:<repo>`."""
-    fmt, _, repo = name.partition(":")
+def download(name: str) -> tuple[str, Path, str]:
+    """(format, local path, pinned name) for `hf:<repo>[@<revision>]` (a transformers
+    directory) or `timm:<repo>[@<revision>]`; the pinned name ends in the commit it resolved
+    to."""
+    fmt, _, rest = name.partition(":")
+    repo, at, revision = rest.partition("@")
+    if not repo or (at and not revision):
+        raise CheckpointError(f"{name}: expected {fmt}:<repo> or {fmt}:<repo>@<revision>")
     local = {
         "hf": "a local Hugging Face directory (config.json + model.safetensors)",
         "timm": "a local timm weights file (model.safetensors or pytorch_model.bin)",
@@ -64,17 +82,29 @@ def download(name: str) -> tuple[str, Path]:
         ) from None
     try:
         if fmt == "hf":
-            return "hf", Path(
-                huggingface_hub.snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"])
+            path = huggingface_hub.snapshot_download(
+                repo, revision=revision or None, allow_patterns=["*.json", "*.safetensors"]
             )
-        repo = repo if "/" in repo else f"timm/{repo}"
-        return "timm", Path(huggingface_hub.hf_hub_download(repo, "model.safetensors"))
-    except Exception as e:  # offline, unknown repository, gated model, ...
-        reason = " ".join(str(e).split())  # on one line
+        else:
+            hub_repo = repo if "/" in repo else f"timm/{repo}"
+            path = huggingface_hub.hf_hub_download(
+                hub_repo, "model.safetensors", revision=revision or None
+            )
+    except Exception as e:  # offline, unknown repository or revision, gated model, ...
         raise CheckpointError(
-            f"{name}: cannot download ({type(e).__name__}: {reason}); without a "
+            f"{name}: cannot download ({type(e).__name__}: {one_line(str(e))}); without a "
             f"network, pass {local} instead"
         ) from None
+    commit = _snapshot_commit(Path(path)) or revision
+    return fmt, Path(path), f"{fmt}:{repo}@{commit}" if commit else name
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit a Hub cache path belongs to: `.../snapshots/<40 hex digits>/...`."""
+    for parent, part in zip(path.parts, path.parts[1:], strict=False):
+        if parent == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", part):
+            return part
+    return None
 
 
 __all__ = [

@@ -6,17 +6,22 @@ that would build arbitrary objects or run code is refused, never executed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
+from vitkit.config import MAX_PARAMS
 from vitkit.weights.format import CheckpointError, read_safetensors
 
 # The paper's widths have these head counts; other widths assume 64-dimensional heads.
 # (Weights alone do not fix the head count: qkv is (3D, D) whatever the split.)
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+# The largest model vitkit builds, in float64: more unpacked bytes are no checkpoint of ours.
+MAX_UNPACKED_BYTES = 8 * MAX_PARAMS
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -26,6 +31,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
+    check_unpacked_size(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -40,7 +46,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
+    for name, tensor in obj.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype}, not floating-point")
     return obj
+
+
+def check_unpacked_size(path: Path) -> None:
+    """Refuse a zip (PyTorch's format, and .npz) that would unpack to more bytes than any
+    model vitkit builds: a few compressed kilobytes can inflate to terabytes."""
+    size = path.stat().st_size
+    # Not a zip (or a broken one): its reader says so.
+    with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as z:
+        size = sum(info.file_size for info in z.infolist())
+    if size > MAX_UNPACKED_BYTES:
+        raise CheckpointError(
+            f"{path}: unpacks to {size:,} bytes, more than the largest model vitkit builds"
+        )
 
 
 def default_heads(width: int) -> int:

@@ -3,22 +3,28 @@ and, for trained models, calibration.safetensors (sample images for int8 inferen
 
 No pickle anywhere: weights are safetensors, metadata is JSON, every file is written
 atomically (temporary file, then rename) so an interrupted save never leaves a torn file.
+Every file read is treated as hostile: sizes are bounded and safetensors headers checked
+against the config before any memory is spent on a model, and whatever goes wrong is one
+CheckpointError that names the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from vitkit.config import ViTConfig
-from vitkit.model.vit import ViT
+from vitkit.config import MAX_PARAMS, SIZE_LIMITS, ViTConfig
+from vitkit.model.vit import ViT, count_params, state_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -26,6 +32,18 @@ LABELS_FILE = "labels.json"
 CALIBRATION_FILE = "calibration.safetensors"
 # Names that mean a model shipped inside the package (see `shipped/`).
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped"
+
+# The labels of a million classes fit in a JSON file this size.
+MAX_JSON_BYTES = 64 * 2**20
+# A safetensors header names each tensor in about 100 bytes; the deepest model vitkit builds
+# has some 12,000 tensors.
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_NAME_CHARS = 1000  # tensor names are echoed in error messages
+# Training keeps at most 128 calibration images of about 8 MB in all (infer/optimize.py).
+MAX_CALIBRATION_IMAGES = 1024
+MAX_CALIBRATION_BYTES = 512 * 2**20
+# safetensors' names of the dtypes weights may have; they load as float32.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 _UMASK = os.umask(0)
@@ -36,8 +54,34 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the model it claims to be."""
 
 
+class TensorInfo(NamedTuple):
+    """One tensor of a safetensors file, as its header describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Turn whatever reading `path` raises (torch's RuntimeError on a misshapen tensor, an
+    IndexError, ...) into one CheckpointError that names it."""
+    try:
+        yield
+    except ValueError as e:  # CheckpointError included; most already name the file
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {one_line(str(e))}") from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: {type(e).__name__}: {one_line(str(e))}") from e
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    """Write `data` to `path` so that readers see the old file or the new one, never half,
+    and the new one for good once this returns (a crash of the machine keeps it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
@@ -52,6 +96,16 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_model(model: ViT, directory: str | Path, labels: list[str] | None = None) -> Path:
@@ -61,11 +115,17 @@ def save_model(model: ViT, directory: str | Path, labels: list[str] | None = Non
     _check_labels(labels, model.config.num_classes)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_FILE, save_safetensors(tensors, metadata={"format": "pt"}))
+    # A previous model's labels or calibration images left in the directory would be read
+    # as this model's.
     if labels is not None:
         atomic_write(directory / LABELS_FILE, json.dumps(labels, indent=1) + "\n")
+    else:
+        (directory / LABELS_FILE).unlink(missing_ok=True)
     if model.calibration is not None:
         images = {"images": model.calibration.cpu().contiguous()}
         atomic_write(directory / CALIBRATION_FILE, save_safetensors(images))
+    else:
+        (directory / CALIBRATION_FILE).unlink(missing_ok=True)
     atomic_write(directory / CONFIG_FILE, model.config.to_json())
     return directory
 
@@ -82,71 +142,172 @@ def resolve_model_dir(dir_or_name: str | Path) -> Path:
     return path
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of bounded size."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size:,} bytes, more than {MAX_JSON_BYTES:,}")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; nesting too deep
+        raise CheckpointError(f"{path}: not valid JSON: {one_line(str(e))}") from None
+
+
 def load_config(directory: str | Path) -> ViTConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a model directory needs {CONFIG_FILE}")
     try:
-        return ViTConfig.from_file(path)
+        config = ViTConfig.from_dict(read_json(path))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    params = count_params(config)  # each size is bounded; together they may still be too many
+    if params > MAX_PARAMS:
+        raise CheckpointError(
+            f"{path}: describes {params:,} parameters, more than the {MAX_PARAMS:,} vitkit "
+            "builds (check width, depth, image_size and num_classes)"
+        )
+    return config
 
 
 def load_model(dir_or_name: str | Path, image_size: int | None = None) -> ViT:
-    """Load a model directory; `image_size` resamples position embeddings for a new size."""
+    """Load a model directory; `image_size` resamples position embeddings for a new size.
+
+    Every file is checked (the weights against the config, by their header) before the
+    model is built."""
     directory = resolve_model_dir(dir_or_name)
-    config = load_config(directory)
-    model = ViT(config)
-    load_weights(model, directory / WEIGHTS_FILE)
-    model.labels = load_labels(directory, config.num_classes)
-    model.calibration = load_calibration(directory, config.in_channels)
+    with reading(directory):
+        config = load_config(directory)
+        weights = directory / WEIGHTS_FILE
+        header = read_header(weights)
+        check_weights(weights, header, state_shapes(config))
+        labels = load_labels(directory, config.num_classes)
+        calibration = _calibration_header(directory, config.in_channels)
+        model = ViT(config)
+        model.load_state_dict(read_tensors(weights, header))
+        model.labels = labels
+        if calibration is not None:
+            model.calibration = read_tensors(calibration, ["images"])["images"]
     if image_size is not None:
         model.set_image_size(image_size)
     return model.eval()
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file holds, from its header alone: a header of bounded size
+    whose every tensor lies inside the file."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return load_safetensors(path.read_bytes())
-    except (SafetensorError, ValueError, OSError) as e:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        out = {}
+        for name, entry in header.items():
+            if len(name) > MAX_NAME_CHARS:
+                raise ValueError(f"a tensor name of {len(name):,} characters")
+            if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)):
+                raise ValueError(f"tensor {name!r}: no dtype")
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if not (_ints(shape) and _ints(offsets) and len(offsets) == 2):
+                raise ValueError(f"tensor {name!r}: malformed shape or data_offsets")
+            if offsets[1] > size - 8 - length:
+                raise ValueError(
+                    f"tensor {name!r}: its data ends at byte {offsets[1]:,}, past the end of "
+                    f"the file's {size - 8 - length:,}"
+                )
+            out[name] = TensorInfo(entry["dtype"], tuple(shape))
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file (corrupt or truncated?): {e}"
+            f"{path}: not a readable safetensors file (corrupt or truncated?): {one_line(str(e))}"
+        ) from None
+    return out
+
+
+def _ints(value: object) -> bool:
+    """A JSON list of non-negative integers."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def read_tensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file whose header has been checked."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (corrupt or truncated?): {one_line(str(e))}"
         ) from None
 
 
-def load_weights(model: ViT, path: Path) -> None:
-    """Copy weights into `model`, naming every missing, unexpected or misshapen tensor."""
-    state = read_safetensors(path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file from elsewhere: floating-point, and no more of them
+    than the largest model vitkit builds."""
+    header = read_header(path)
+    check_float(path, header)
+    total = sum(math.prod(t.shape) for t in header.values())
+    if total > MAX_PARAMS:
+        raise CheckpointError(
+            f"{path}: {total:,} numbers, more than the {MAX_PARAMS:,} parameters vitkit builds"
+        )
+    return read_tensors(path, header)
+
+
+def check_float(path: Path, header: Mapping[str, TensorInfo]) -> None:
+    for name, info in header.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} is {info.dtype}, not floating-point")
+
+
+def check_weights(
+    path: Path, header: Mapping[str, TensorInfo], expected: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Refuse weights that are not the config's model, naming every tensor that differs."""
+    problems = shape_problems({k: v.shape for k, v in header.items()}, expected)
+    if problems:
+        raise CheckpointError(f"{path} does not match its config.json: " + " | ".join(problems))
+    check_float(path, header)
+
+
+def shape_problems(
+    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """Missing, unexpected and misshapen tensors, each kind on its own (empty: a match)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(v)}"
         for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        if k in found and tuple(found[k]) != tuple(v)
     ]
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {_first(missing, ', ')}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+        problems.append(f"unexpected tensors: {_first(unexpected, ', ')}")
     if wrong:
-        problems.append("shape mismatches: " + "; ".join(wrong))
-    if problems:
-        raise CheckpointError(f"{path} does not match its config.json: " + " | ".join(problems))
-    model.load_state_dict(state)
+        problems.append(f"shape mismatches: {_first(wrong, '; ')}")
+    return problems
+
+
+def _first(items: list[str], sep: str, n: int = 8) -> str:
+    more = f"{sep}and {len(items) - n} more" if len(items) > n else ""
+    return sep.join(items[:n]) + more
 
 
 def load_labels(directory: Path, num_classes: int) -> list[str] | None:
     path = directory / LABELS_FILE
     if not path.is_file():
         return None
-    try:
-        labels = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    labels = read_json(path)
     try:
         _check_labels(labels, num_classes)
     except ValueError as e:
@@ -154,19 +315,25 @@ def load_labels(directory: Path, num_classes: int) -> list[str] | None:
     return labels
 
 
-def load_calibration(directory: Path, channels: int) -> torch.Tensor | None:
-    """The sample images saved with a trained model, uint8 (N, C, H, W), if any."""
+def _calibration_header(directory: Path, channels: int) -> Path | None:
+    """The calibration file, if any, once its header shows a bounded uint8 (N, C, H, W)."""
     path = directory / CALIBRATION_FILE
     if not path.is_file():
         return None
-    images = read_safetensors(path).get("images")
-    if images is None or images.dtype != torch.uint8 or images.ndim != 4:
+    images = read_header(path).get("images")
+    if images is None or images.dtype != "U8" or len(images.shape) != 4:
         raise CheckpointError(f"{path}: expected one uint8 (N, C, H, W) tensor named 'images'")
-    if images.shape[0] == 0 or images.shape[1] != channels:
+    n, c, h, w = images.shape
+    if n == 0 or c != channels:
+        raise CheckpointError(f"{path}: {images.shape} images for a {channels}-channel model")
+    largest = SIZE_LIMITS["image_size"]
+    if n > MAX_CALIBRATION_IMAGES or max(h, w) > largest or n * c * h * w > MAX_CALIBRATION_BYTES:
         raise CheckpointError(
-            f"{path}: {tuple(images.shape)} images for a {channels}-channel model"
+            f"{path}: {images.shape} images; calibration takes at most "
+            f"{MAX_CALIBRATION_IMAGES} images of at most {largest} px, "
+            f"{MAX_CALIBRATION_BYTES:,} bytes in all"
         )
-    return images
+    return path
 
 
 def _check_labels(labels: object, num_classes: int) -> None:

@@ -15,9 +15,15 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from vitkit.config import ViTConfig
-from vitkit.model.vit import ViT
+from vitkit.model.vit import ViT, state_shapes
 from vitkit.weights.foreign import read_state_dict
-from vitkit.weights.format import CheckpointError, atomic_write
+from vitkit.weights.format import (
+    CheckpointError,
+    atomic_write,
+    read_json,
+    reading,
+    shape_problems,
+)
 
 # Hugging Face name -> vitkit name, outside the blocks.
 HF_TOP = {
@@ -45,37 +51,64 @@ HF_BLOCK = {
 HF_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 HF_HEAD = {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PREPROCESSOR_FILE = "preprocessor_config.json"
 # preprocessor_config.json names resampling filters by their Pillow numbers.
 PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}
 
 
-def config_from_hf(hf: dict[str, Any], has_head: bool) -> tuple[ViTConfig, list[str] | None]:
+def config_from_hf(hf: Any, has_head: bool) -> tuple[ViTConfig, list[str] | None]:
     """A ViTConfig (and labels) from a Hugging Face ViT config.json."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"a config must be a JSON object, got {type(hf).__name__}")
     if hf.get("model_type") != "vit":
         raise CheckpointError(
-            f"not a Hugging Face ViT config (model_type {hf.get('model_type')!r})"
+            f"not a Hugging Face ViT config (model_type {repr(hf.get('model_type'))[:40]})"
         )
     if hf.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported (only gelu)")
-    id2label = {int(k): v for k, v in (hf.get("id2label") or {}).items()}
-    labels = [id2label[i] for i in sorted(id2label)] if has_head and id2label else None
-    width, channels = hf.get("hidden_size", 768), hf.get("num_channels", 3)
+        act = repr(hf["hidden_act"])[:40]
+        raise CheckpointError(f"hidden_act {act} is not supported (only gelu)")
+    labels = _labels(hf.get("id2label")) if has_head else None
+    width, channels = _size(hf, "hidden_size", 768), _size(hf, "num_channels", 3)
+    eps = hf.get("layer_norm_eps", 1e-12)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise CheckpointError(f"layer_norm_eps must be a number, got {repr(eps)[:40]}")
     config = ViTConfig(
-        image_size=hf.get("image_size", 224),
-        patch_size=hf.get("patch_size", 16),
+        image_size=_size(hf, "image_size", 224),
+        patch_size=_size(hf, "patch_size", 16),
         in_channels=channels,
         num_classes=len(labels) if labels else 0,
         width=width,
-        depth=hf.get("num_hidden_layers", 12),
-        heads=hf.get("num_attention_heads", 12),
-        mlp_ratio=hf.get("intermediate_size", 4 * width) / width,
+        depth=_size(hf, "num_hidden_layers", 12),
+        heads=_size(hf, "num_attention_heads", 12),
+        mlp_ratio=_size(hf, "intermediate_size", 4 * width) / width,
         qkv_bias=hf.get("qkv_bias", True),
-        ln_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        ln_eps=eps,  # an int too large for a float is ViTConfig's to refuse
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
         interpolation="bilinear",
     )
     return config, labels
+
+
+def _size(hf: dict[str, Any], key: str, default: int) -> int:
+    value = hf.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"{key} must be a positive integer, got {repr(value)[:40]}")
+    return value
+
+
+def _labels(id2label: Any) -> list[str] | None:
+    """Class names from `id2label`, whose keys must be the class indices 0, 1, ..."""
+    if not id2label:
+        return None
+    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+        raise CheckpointError("id2label must be a JSON object of class names")
+    if set(id2label) != {str(i) for i in range(len(id2label))}:
+        first = ", ".join(repr(k)[:20] for k in list(id2label)[:3])
+        raise CheckpointError(
+            f"id2label keys must be the class indices 0 to {len(id2label) - 1}, got {first}, ..."
+        )
+    return [id2label[str(i)] for i in range(len(id2label))]
 
 
 def from_hf(directory: str | Path) -> ViT:
@@ -87,16 +120,23 @@ def from_hf(directory: str | Path) -> ViT:
     weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{directory}: no {' or '.join(WEIGHT_FILES)}")
-    state = read_state_dict(weights)
-    prefix = "vit." if any(k.startswith("vit.") for k in state) else ""
-    has_head = "classifier.weight" in state
-    config, labels = config_from_hf(json.loads(config_path.read_text()), has_head)
-    if has_head and config.num_classes != state["classifier.weight"].shape[0]:
-        config = config.replace(num_classes=state["classifier.weight"].shape[0])
-        labels = None
-    config = config.replace(**_preprocessing(directory, config.in_channels))
-    model = ViT(config)
-    model.load_state_dict(_to_vitkit(state, prefix, config.depth, has_head))
+    with reading(directory):
+        state = read_state_dict(weights)
+        prefix = "vit." if any(k.startswith("vit.") for k in state) else ""
+        head = state.get("classifier.weight")
+        with reading(config_path):
+            config, labels = config_from_hf(read_json(config_path), head is not None)
+        if head is not None and config.num_classes != head.shape[0]:
+            config = config.replace(num_classes=head.shape[0])
+            labels = None
+        with reading(directory / PREPROCESSOR_FILE):
+            config = config.replace(**_preprocessing(directory, config.in_channels))
+        ours = _to_vitkit(state, prefix, config.depth, head is not None)
+        problems = shape_problems({k: v.shape for k, v in ours.items()}, state_shapes(config))
+        if problems:
+            raise CheckpointError(f"{weights} does not match config.json: " + " | ".join(problems))
+        model = ViT(config)
+        model.load_state_dict(ours)
     model.labels = labels
     return model.eval()
 
@@ -135,14 +175,18 @@ def _to_vitkit(
 def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
     """Normalisation and resampling from preprocessor_config.json; without one, what
     `ViTImageProcessor` defaults to (0.5 / 0.5, bilinear)."""
-    path = directory / "preprocessor_config.json"
-    pre = json.loads(path.read_text()) if path.is_file() else {}
+    path = directory / PREPROCESSOR_FILE
+    pre = read_json(path) if path.is_file() else {}
+    if not isinstance(pre, dict):
+        raise CheckpointError(f"must be a JSON object, got {type(pre).__name__}")
     out: dict[str, Any] = {"mean": (0.5,) * channels, "std": (0.5,) * channels}
     if "image_mean" in pre and "image_std" in pre:
-        out["mean"], out["std"] = tuple(pre["image_mean"]), tuple(pre["image_std"])
-    resample = {v: k for k, v in PIL_RESAMPLE.items()}.get(pre.get("resample"))
-    if resample:
-        out["interpolation"] = resample
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+            value = pre[theirs]  # a list, or one number for every channel
+            out[ours] = tuple(value) if isinstance(value, list) else (value,) * channels
+    resample = pre.get("resample")
+    if isinstance(resample, int) and resample in PIL_RESAMPLE.values():
+        out["interpolation"] = {v: k for k, v in PIL_RESAMPLE.items()}[resample]
     return out
 
 
@@ -199,5 +243,5 @@ def to_hf(model: ViT, directory: str | Path) -> Path:
         "image_mean": list(c.mean),
         "image_std": list(c.std),
     }
-    atomic_write(directory / "preprocessor_config.json", json.dumps(preprocessor, indent=2) + "\n")
+    atomic_write(directory / PREPROCESSOR_FILE, json.dumps(preprocessor, indent=2) + "\n")
     return directory

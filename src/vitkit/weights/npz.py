@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from vitkit.config import ViTConfig, resnet_stride
-from vitkit.model.vit import ViT
-from vitkit.weights.foreign import grid_of
-from vitkit.weights.format import CheckpointError
+from vitkit.model.vit import ViT, state_shapes
+from vitkit.weights.foreign import check_unpacked_size, grid_of
+from vitkit.weights.format import CheckpointError, reading, shape_problems
 
 # Sub-module indices inside an encoder block differ between the two codebases:
 # (attention, MLP, second LayerNorm).
@@ -41,6 +41,12 @@ RESNET_UNIT = {
 def from_npz(path: str | Path) -> ViT:
     """A vitkit model with the weights and architecture of a Google .npz checkpoint."""
     path = Path(path)
+    with reading(path):
+        return _from_npz(path)
+
+
+def _from_npz(path: Path) -> ViT:
+    check_unpacked_size(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             w = {k: f[k] for k in f.files}
@@ -63,7 +69,10 @@ def from_npz(path: str | Path) -> ViT:
     def get(name: str) -> np.ndarray:
         if prefix + name not in w:
             raise CheckpointError(f"{path}: missing {prefix + name}")
-        return w[prefix + name]
+        array = w[prefix + name]
+        if array.dtype.kind != "f":  # weights only: optimiser state may hold integers
+            raise CheckpointError(f"{path}: {prefix + name} holds {array.dtype}, not floats")
+        return array
 
     kernel = get("embedding/kernel")  # (p, p, C, D)
     patch, _, channels, width = kernel.shape
@@ -148,6 +157,9 @@ def from_npz(path: str | Path) -> ViT:
         }
     if resnet:
         state |= _resnet_state(get, resnet["resnet_layers"])
+    problems = shape_problems({k: v.shape for k, v in state.items()}, state_shapes(config))
+    if problems:
+        raise CheckpointError(f"{path} does not fit one ViT: " + " | ".join(problems))
     model = ViT(config)
     model.load_state_dict(state)
     return model.eval()

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from vitkit.config import ViTConfig, resnet_stride
-from vitkit.model.vit import ViT
+from vitkit.model.vit import ViT, state_shapes
 from vitkit.weights.foreign import default_heads, grid_of, read_state_dict
-from vitkit.weights.format import CheckpointError
+from vitkit.weights.format import CheckpointError, reading, shape_problems
 
 # timm names that vitkit has too (per block, {i} is the block index). Anything else in a
 # checkpoint (layer scale, q/k norms, attention pooling...) is an architecture vitkit does
@@ -62,8 +62,9 @@ def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -
     unknown = sorted(k for k in state if not _PATTERN.fullmatch(k))
     if unknown:
         raise CheckpointError(f"not a plain timm ViT: unsupported tensors {', '.join(unknown[:8])}")
-    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise CheckpointError("not a timm ViT: no patch_embed.proj.weight or pos_embed")
+    needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
+    if not all(k in state for k in needed):
+        raise CheckpointError(f"not a timm ViT: it needs {', '.join(needed)}")
     width, cnn_channels, patch, _ = state["patch_embed.proj.weight"].shape
     resnet = resnet_from_timm(state)
     channels = resnet["in_channels"] if resnet else cnn_channels
@@ -127,23 +128,30 @@ def from_timm(
     std: tuple[float, ...] | None = None,
 ) -> ViT:
     """A vitkit model with a timm checkpoint's weights and architecture."""
-    state = path_or_state if isinstance(path_or_state, dict) else read_state_dict(path_or_state)
+    if isinstance(path_or_state, dict):
+        return _build(path_or_state, heads, mean, std)
+    with reading(path_or_state):
+        return _build(read_state_dict(path_or_state), heads, mean, std)
+
+
+def _build(
+    state: dict[str, torch.Tensor],
+    heads: int | None,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+) -> ViT:
     config = config_from_timm(state, heads)
     if mean is not None and std is not None:
         config = config.replace(mean=tuple(mean), std=tuple(std))
+    # The config is read off a few tensors: every other one must fit it before it is built.
+    problems = shape_problems({k: v.shape for k, v in state.items()}, state_shapes(config))
+    if problems:
+        raise CheckpointError("timm checkpoint does not fit one ViT: " + " | ".join(problems))
     model = ViT(config)
-    _load(model, state)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
 
 
 def to_timm(model: ViT) -> dict[str, torch.Tensor]:
     """A state dict that timm's VisionTransformer of the same shape loads as it is."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _load(model: ViT, state: dict[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(f"timm checkpoint lacks {', '.join(missing[:8])}")
-    model.load_state_dict({k: state[k].float() for k in expected})
