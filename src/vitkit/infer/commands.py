@@ -12,7 +12,7 @@ from vitkit.data.folder import printable
 from vitkit.infer.evaluate import EvalReport, evaluate, save_report
 from vitkit.infer.optimize import PRECISIONS, optimize
 from vitkit.infer.predict import Classifier, expand_inputs
-from vitkit.weights.format import SHIPPED_DIR, load_model, resolve_model_dir
+from vitkit.weights.format import SHIPPED_DIR, load_model, read_json, resolve_model_dir
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -180,9 +180,10 @@ def trained_val_fraction(model_dir: Path) -> float:
     from vitkit.train.loop import TRAIN_CONFIG_FILE
 
     try:
-        return float(json.loads((model_dir / TRAIN_CONFIG_FILE).read_text())["val_fraction"])
+        fraction = float(read_json(model_dir / TRAIN_CONFIG_FILE)["val_fraction"])
     except (OSError, ValueError, KeyError, TypeError):
         return TrainConfig.val_fraction
+    return fraction if 0.0 < fraction < 1.0 else TrainConfig.val_fraction
 
 
 def _print_report(report: EvalReport, title: str) -> None:

@@ -46,6 +46,8 @@ from vitkit.train.optim import build_optimizer, lr_factor
 from vitkit.weights import CheckpointError, atomic_write, load_pretrained, save_model
 
 METRICS_FILE = "metrics.jsonl"
+# A line an epoch of some 300 bytes: a real log is far smaller.
+MAX_METRICS_BYTES = 64 * 2**20
 TRAIN_CONFIG_FILE = "train.json"
 
 
@@ -545,6 +547,9 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     kill, or edited) are skipped with a warning, since a log must never block a resume."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
+        return []
+    if path.stat().st_size > MAX_METRICS_BYTES:
+        print(f"warning: {path}: too large for this run's log; starting anew", file=sys.stderr)
         return []
     records, bad = [], 0
     for line in path.read_text(errors="replace").splitlines():
