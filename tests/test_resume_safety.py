@@ -19,28 +19,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import test_train
 from vitkit import load_model
 from vitkit.train import TrainConfig, train
 from vitkit.weights import CheckpointError
 
-# A small, fast encoder for 8x8 digits: 16 patches of 2x2 (22 steps an epoch at batch 64).
-TINY = {"image_size": 8, "patch_size": 2, "width": 32, "depth": 2, "heads": 2}
+# The training tests' tiny digits model, narrower (22 steps an epoch at batch 64).
+TINY = test_train.TINY | {"width": 32}
 
 
 def tiny_config(**kw) -> TrainConfig:
     settings = {
-        "data": "digits",
-        "model": "Ti/4@28",
         "model_overrides": TINY,
-        "epochs": 2,
-        "batch_size": 64,
-        "lr": 2e-3,
-        "warmup_epochs": 0.5,
-        "precision": "fp32",
         "ema_decay": 0.9,
         "augment": {"crop_padding": 1, "mixup": 0.2},
     }
-    return TrainConfig.from_dict(settings | kw)
+    return test_train.tiny_config(**settings | kw)
 
 
 class _Payload:
