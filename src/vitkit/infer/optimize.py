@@ -150,16 +150,17 @@ class OptimizedViT(nn.Module):
         self(x)
         return time.perf_counter() - start
 
+    def input_spec(self) -> tuple[torch.device, torch.dtype]:
+        """Normalised fp32 images on the model's device: it casts them itself."""
+        return self.device, torch.float32
+
     def extra_repr(self) -> str:
         return f"precision={self.precision}"
 
 
 def input_spec(model: ViT | OptimizedViT) -> tuple[torch.device, torch.dtype]:
     """The device and dtype a model's inputs should have (an `OptimizedViT` casts its own)."""
-    if isinstance(model, OptimizedViT):
-        return model.device, torch.float32
-    param = next(model.parameters())
-    return param.device, param.dtype
+    return model.input_spec()
 
 
 def calibration_sample(images: torch.Tensor, seed: int = 0) -> torch.Tensor:

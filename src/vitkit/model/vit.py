@@ -79,6 +79,11 @@ class ViT(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def input_spec(self) -> tuple[torch.device, torch.dtype]:
+        """The device and dtype the model's inputs should have: those of its weights."""
+        param = next(self.parameters())
+        return param.device, param.dtype
+
     # -- tokens ---------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, T, D): patch tokens with position embeddings, prefix tokens first."""
