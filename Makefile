@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint install data browser clean
+.PHONY: demo test test-fast coverage lint install data browser clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,21 @@ demo: install data
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
+# Everything: lint, the layers of ARCHITECTURE.md, and every test (training, browsers, real data).
 test: install data browser
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -n 2
 
+# The quick specification: every module and subcommand touched, in under a minute.
+test-fast: install
+	$(BIN)/pytest -n 2 -m "not slow" -q
+
+# What the fast subset touches, module by module (htmlcov/index.html).
+coverage: install
+	$(BIN)/pytest -n 2 -m "not slow" -q --cov=vitkit --cov-report=term --cov-report=html
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache htmlcov .coverage

@@ -25,15 +25,16 @@ import torch
 
 import vitkit
 from vitkit.data import load_dataset
-from vitkit.infer.export import (
+from vitkit.data.preprocess import preprocess
+from vitkit.export.onnx import (
     compare_precisions,
     export_onnx,
     onnx_session,
-    quantize_int8,
+    quantize_onnx_int8,
     run_onnx,
 )
-from vitkit.infer.predict import preprocess
-from vitkit.weights.format import WEIGHTS_FILE, resolve_model_dir
+from vitkit.rundir import WEIGHTS_FILE
+from vitkit.weights.format import resolve_model_dir
 
 
 def median_seconds(
@@ -78,8 +79,8 @@ def main() -> None:
             "ONNX fp32, opset 23": export_onnx(
                 model, Path(tmp) / "model23.onnx", dynamic_batch=True, opset=23
             ),
-            "ONNX int8": quantize_int8(fp32, Path(tmp) / "model.int8.onnx"),
-            "ONNX int8 per-channel": quantize_int8(
+            "ONNX int8": quantize_onnx_int8(fp32, Path(tmp) / "model.int8.onnx"),
+            "ONNX int8 per-channel": quantize_onnx_int8(
                 fp32, Path(tmp) / "model.int8pc.onnx", per_channel=True
             ),
         }

@@ -12,7 +12,7 @@ mode as a ratio to each peer's fastest (eager or compiled) and to its eager bf16
 import argparse
 import sys
 
-from vitkit.benchmark import add_bench_command
+from vitkit.cli.bench import add_bench_command
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="bench/peers.py")

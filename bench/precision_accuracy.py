@@ -17,8 +17,8 @@ import torch
 
 import vitkit
 from vitkit.data import load_dataset
+from vitkit.data.preprocess import preprocess
 from vitkit.infer.optimize import fast_precisions, optimize
-from vitkit.infer.predict import preprocess
 
 
 def main() -> None:

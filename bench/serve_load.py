@@ -28,7 +28,7 @@ from vitkit import Classifier
 
 SERVE = """
 import argparse, sys
-from vitkit.serve.commands import add_serve_command
+from vitkit.cli.serve import add_serve_command
 parser = argparse.ArgumentParser()
 add_serve_command(parser.add_subparsers())
 args = parser.parse_args(["serve", *sys.argv[1:]])

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from vitkit.benchmark import import_timm
+from vitkit.benchmark import declare_torchvision_ops, import_timm
 
 # Parallel test workers share the cores: one torch thread pool each, sized to its share, or
 # the pools oversubscribe the CPU and every test runs many times slower.
@@ -22,6 +22,13 @@ def timm():
         return import_timm()
     except ImportError as e:
         pytest.skip(f"timm is not installed: {e}")
+
+
+@pytest.fixture(scope="session")
+def transformers():
+    """Hugging Face transformers (an oracle), with torchvision made importable for it."""
+    declare_torchvision_ops()
+    return pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vitkit import benchmark
 from vitkit.benchmark import Result, report
 from vitkit.cli import main
 
@@ -39,3 +40,11 @@ def test_report_ratios_against_fastest_and_eager() -> None:
 def test_bench_on_missing_gpu_says_so() -> None:
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         main(["bench", "--device", "cuda", "--no-infer"])
+
+
+def test_bench_without_its_peers_names_the_extra(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(benchmark, "PEER_PACKAGES", ("timm", "no_such_peer_package"))
+    assert main(["bench", "--no-infer"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitkit bench: error: no_such_peer_package not installed")
+    assert "pip install 'vitkit[bench]'" in err and len(err.splitlines()) == 1

@@ -75,12 +75,9 @@ def test_timm_file_formats(timm, tmp_path):
             assert_logits_close(from_timm(tmp_path / f)(x), ref(x))
 
 
-def _hf_model(tmp_path, **kw):
-    from transformers import ViTConfig as HFConfig
-    from transformers import ViTForImageClassification
-
+def _hf_model(transformers, tmp_path, **kw):
     torch.manual_seed(0)
-    cfg = HFConfig(
+    cfg = transformers.ViTConfig(
         hidden_size=192,
         num_hidden_layers=4,
         num_attention_heads=3,
@@ -90,15 +87,13 @@ def _hf_model(tmp_path, **kw):
         num_labels=4,
         **kw,
     )
-    ref = ViTForImageClassification(cfg).eval()
+    ref = transformers.ViTForImageClassification(cfg).eval()
     ref.save_pretrained(tmp_path / "hf")
     return ref
 
 
-def test_hugging_face_parity_and_round_trip(timm, tmp_path):
-    from transformers import ViTForImageClassification
-
-    ref = _hf_model(tmp_path)  # default layer_norm_eps 1e-12, read from config.json
+def test_hugging_face_parity_and_round_trip(transformers, tmp_path):
+    ref = _hf_model(transformers, tmp_path)  # default layer_norm_eps 1e-12, read from config.json
     model = from_hf(tmp_path / "hf")
     assert model.config.ln_eps == 1e-12 and model.labels == [f"LABEL_{i}" for i in range(4)]
     assert model.config.interpolation == "bilinear"  # ViTImageProcessor's default
@@ -111,11 +106,9 @@ def test_hugging_face_parity_and_round_trip(timm, tmp_path):
     mine.labels = ["cat", "dog", "eel"]
     mine.config = mine.config.replace(mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
     to_hf(mine.eval(), tmp_path / "out")
-    from transformers import ViTImageProcessor
-
-    processor = ViTImageProcessor.from_pretrained(tmp_path / "out")
+    processor = transformers.ViTImageProcessor.from_pretrained(tmp_path / "out")
     assert processor.resample == 3 and list(processor.image_mean) == [0.4, 0.5, 0.6]  # bicubic
-    theirs = ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
     assert theirs.config.id2label[2] == "eel"
     back = from_hf(tmp_path / "out")
     with torch.no_grad():
@@ -125,11 +118,8 @@ def test_hugging_face_parity_and_round_trip(timm, tmp_path):
     assert back.config == mine.config
 
 
-def test_hugging_face_backbone_without_head(timm, tmp_path):
-    from transformers import ViTConfig as HFConfig
-    from transformers import ViTModel
-
-    cfg = HFConfig(
+def test_hugging_face_backbone_without_head(transformers, tmp_path):
+    cfg = transformers.ViTConfig(
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -138,7 +128,7 @@ def test_hugging_face_backbone_without_head(timm, tmp_path):
         patch_size=8,
         layer_norm_eps=1e-6,
     )
-    ref = ViTModel(cfg).eval()
+    ref = transformers.ViTModel(cfg).eval()
     ref.save_pretrained(tmp_path / "hf")
     model = from_hf(tmp_path / "hf")
     assert model.config.num_classes == 0
@@ -199,7 +189,7 @@ def test_bad_checkpoints_named(timm, tmp_path):
         from_timm(tmp_path / "missing.safetensors")
 
 
-def test_cli_convert(timm, tmp_path, capsys):
+def test_cli_convert(timm, transformers, tmp_path, capsys):
     from safetensors.torch import save_file
 
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3).eval()
@@ -209,7 +199,7 @@ def test_cli_convert(timm, tmp_path, capsys):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert_logits_close(model(x), ref(x))
-    _hf_model(tmp_path)
+    _hf_model(transformers, tmp_path)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m2")]) == 0
     assert json.loads((tmp_path / "m2/config.json").read_text())["ln_eps"] == 1e-12
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "hf2"), "--to", "hf"]) == 0

@@ -406,7 +406,7 @@ def test_dataset_stats_matches_float_computation():
 
 def test_eval_preprocessing_normalises():
     from vitkit.config import ViTConfig
-    from vitkit.infer.predict import preprocess
+    from vitkit.data.preprocess import preprocess
 
     ds = random_dataset()
     mean, std = dataset_stats(ds)

@@ -1,7 +1,6 @@
 """Training on several processes (gloo on CPU): the same run as on one process, sharded or not;
 resumed on another number of processes; stopped with a clear error when a process dies."""
 
-import itertools
 import json
 import os
 import socket
@@ -42,7 +41,7 @@ SETTINGS = {
     "augment": {"crop_padding": 1, "mixup": 0.2},
 }
 TOLERANCE = 1e-5
-DIES_AT_STEP = 3  # the step at which the dying rank exits
+DIES_AT_STEP = 3  # the dying rank exits once this many steps are done
 
 
 def _config(**kw) -> TrainConfig:
@@ -73,6 +72,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_at(step: int):
+    """A step hook that ends the process abruptly, as a crash would, once `step` steps are done."""
+
+    def hook(done: int) -> None:
+        if done == step:
+            os._exit(3)
+
+    return hook
+
+
 def _worker(rank, world, port, cfg, run_dir, resume, datasets, dies) -> None:
     """One process of a job, told its place as torchrun would tell it."""
     os.environ.update(
@@ -84,20 +93,9 @@ def _worker(rank, world, port, cfg, run_dir, resume, datasets, dies) -> None:
         VITKIT_DIST_TIMEOUT="30",
     )
     torch.set_num_threads(1)
-    if dies and rank == world - 1:
-        from vitkit.train import loop
-
-        step = loop._step
-        calls = itertools.count(1)
-
-        def dying_step(*args, **kwargs):
-            if next(calls) == DIES_AT_STEP:
-                os._exit(3)
-            return step(*args, **kwargs)
-
-        loop._step = dying_step
+    on_step = _die_at(DIES_AT_STEP) if dies and rank == world - 1 else None
     try:
-        train(cfg, run_dir, resume=resume, progress=False, datasets=datasets)
+        train(cfg, run_dir, resume=resume, progress=False, datasets=datasets, on_step=on_step)
     except Exception as e:
         Path(run_dir, f"error-{rank}.txt").write_text(f"{type(e).__name__}: {e}")
         raise SystemExit(1) from None

@@ -11,17 +11,17 @@ from PIL import Image
 import vitkit
 from tests.fashion import load_fashion_mnist
 from vitkit import create_model, load_model, save_model
-from vitkit.infer.export import (
+from vitkit.cli.export import add_export_command
+from vitkit.data.preprocess import preprocess
+from vitkit.export.onnx import (
     check_onnx,
     compare_precisions,
     export_onnx,
     onnx_session,
-    quantize_int8,
+    quantize_onnx_int8,
     read_metadata,
     run_onnx,
 )
-from vitkit.infer.export_command import add_export_command
-from vitkit.infer.predict import preprocess
 
 LABELS = [f"c{i}" for i in range(10)]
 
@@ -46,7 +46,7 @@ def exported(tmp_path_factory):
     model = small_model()
     folder = tmp_path_factory.mktemp("export")
     fp32 = export_onnx(model, folder / "model.onnx", dynamic_batch=True)
-    return model, fp32, quantize_int8(fp32, folder / "model.int8.onnx")
+    return model, fp32, quantize_onnx_int8(fp32, folder / "model.int8.onnx")
 
 
 def test_parity_on_real_images_and_any_batch_size(exported, fashion):
@@ -119,7 +119,7 @@ def test_hybrid_model_exports(tmp_path, fashion):
 def test_shipped_model_exports_with_int8(tmp_path, fashion):
     model = vitkit.load_model("fashion-mnist")
     fp32 = export_onnx(model, tmp_path / "fm.onnx", dynamic_batch=True)
-    int8 = quantize_int8(fp32, tmp_path / "fm.int8.onnx")
+    int8 = quantize_onnx_int8(fp32, tmp_path / "fm.int8.onnx")
     x = preprocess(fashion.images[:400], model.config)
     assert check_onnx(model, fp32, x).max_abs_diff <= 1e-4
     assert check_onnx(model, int8, x).top1_agreement >= 0.95

@@ -7,11 +7,12 @@ from vitkit import create_model, load_model
 from vitkit.cli import main
 from vitkit.train import TrainConfig, train
 from vitkit.train.optim import param_groups
+from vitkit.weights.format import load_config, resolve_model_dir
 
 # Fine-tuning resolution: one token a side more than the shipped model's grid, so that its
 # position embeddings are resampled (a plain ViT's token stride is its patch size; a hybrid's
 # also counts its CNN's stride).
-SHIPPED = load_model("fashion-mnist").config
+SHIPPED = load_config(resolve_model_dir("fashion-mnist"))  # its config.json alone
 STRIDE = SHIPPED.token_stride
 SIZE = STRIDE * (SHIPPED.grid_size + 1)
 

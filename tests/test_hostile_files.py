@@ -16,7 +16,8 @@ from PIL import EpsImagePlugin, Image
 
 import vitkit.infer.predict as predict_module
 from vitkit.cli import main
-from vitkit.data.folder import UnreadableImage, load_image, load_image_folder
+from vitkit.data.folder import load_image_folder
+from vitkit.data.preprocess import UnreadableImage, load_image
 from vitkit.infer.predict import Classifier
 from vitkit.weights.format import load_model
 
@@ -61,7 +62,7 @@ def hostile_run(tmp_path_factory) -> Run:
     os.mkfifo(fifo)
     good = save_png(folder / "good.png")
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    argv = [sys.executable, "-m", "vitkit.cli", "predict", MODEL, str(eps), str(fifo), str(good)]
+    argv = [sys.executable, "-m", "vitkit", "predict", MODEL, str(eps), str(fifo), str(good)]
     done = subprocess.run(
         [*argv, "--precision", "fp32"], capture_output=True, text=True, env=env, timeout=60
     )
@@ -112,7 +113,7 @@ def test_eps_in_an_image_folder_never_reaches_ghostscript(tmp_path, monkeypatch)
 
 
 def test_every_allowed_format_is_read_by_files_and_the_service(tmp_path):
-    from vitkit.serve.app import decode_image
+    from vitkit.serve.decode import decode_image
 
     config = load_model(MODEL).config
     for fmt in ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM"):

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitkit import create_model, save_model
+from vitkit.cli.eval import add_eval_command
+from vitkit.cli.predict import add_predict_command
 from vitkit.data import ImageDataset
-from vitkit.data.folder import load_image
+from vitkit.data.preprocess import load_image, preprocess
+from vitkit.evaluate import save_report
 from vitkit.infer import Classifier, evaluate
-from vitkit.infer.commands import add_eval_command, add_predict_command
-from vitkit.infer.evaluate import save_report
-from vitkit.infer.predict import expand_inputs, preprocess
+from vitkit.infer.predict import expand_inputs
 from vitkit.plots import plot_confusion, plot_curves
 
 LABELS = [f"c{i}" for i in range(10)]

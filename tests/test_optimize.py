@@ -4,13 +4,15 @@ only what the hardware runs fast."""
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 import vitkit
 from tests.fashion import load_fashion_mnist
-from vitkit.infer import optimize as opt
-from vitkit.infer.predict import preprocess
+from vitkit import runtime
+from vitkit.data.dataset import CALIBRATION_IMAGES, calibration_sample
+from vitkit.data.preprocess import preprocess
+from vitkit.rundir import CALIBRATION_FILE
 from vitkit.weights import CheckpointError, load_model, save_model
-from vitkit.weights.format import CALIBRATION_FILE
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_bf16_keeps_predictions(fashion):
     assert agree >= 0.99 and abs(delta) <= 0.005 and prob < 0.1
 
 
-@pytest.mark.skipif("int8" not in opt.fast_precisions(), reason="no int8 dot products here")
+@pytest.mark.skipif("int8" not in runtime.fast_precisions(), reason="no int8 dot products here")
 def test_int8_keeps_predictions_at_any_batch_size(fashion):
     model, x, labels = fashion
     fast = vitkit.optimize(model, "int8")  # calibrates on the images the model ships with
@@ -64,16 +66,16 @@ def test_int8_keeps_predictions_at_any_batch_size(fashion):
 
 def test_auto_chooses_only_fast_and_usable_modes(monkeypatch):
     model = vitkit.create_model("Ti/7@28")
-    monkeypatch.setattr(opt, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert opt.fast_precisions() == [] and vitkit.optimize(model).precision == "fp32"
-    monkeypatch.setattr(opt, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
-    assert opt.fast_precisions() == ["int8", "bf16"]
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert runtime.fast_precisions() == [] and vitkit.optimize(model).precision == "fp32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    assert runtime.fast_precisions() == ["int8", "bf16"]
     # No calibration images (an untrained model), or too few images to repay compiling: bf16.
-    assert opt.resolve_precision("auto", allow_int8=False) == "bf16"
+    assert runtime.resolve_precision("auto", allow_int8=False) == "bf16"
     assert vitkit.optimize(model).precision == "bf16"
     model.calibration = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
     assert vitkit.optimize(model, num_images=10).precision == "bf16"
-    assert opt.resolve_precision("auto", allow_int8=True) == "int8"
+    assert runtime.resolve_precision("auto", allow_int8=True) == "int8"
 
 
 def test_bad_precisions_are_rejected():
@@ -89,14 +91,14 @@ def test_bad_precisions_are_rejected():
 def test_calibration_images_travel_with_the_model(tmp_path):
     model = vitkit.create_model("Ti/7@28")
     images = torch.randint(0, 256, (1000, 1, 28, 28), dtype=torch.uint8)
-    model.calibration = opt.calibration_sample(images, seed=3)
-    assert model.calibration.shape == (opt.CALIBRATION_IMAGES, 1, 28, 28)
-    assert torch.equal(model.calibration, opt.calibration_sample(images, seed=3))
+    model.calibration = calibration_sample(images, seed=3)
+    assert model.calibration.shape == (CALIBRATION_IMAGES, 1, 28, 28)
+    assert torch.equal(model.calibration, calibration_sample(images, seed=3))
     save_model(model, tmp_path)
     assert torch.equal(load_model(tmp_path).calibration, model.calibration)
     # Large images: about CALIBRATION_BYTES of them, never fewer than 16.
-    assert len(opt.calibration_sample(torch.zeros(100, 3, 224, 224, dtype=torch.uint8))) == 53
-    assert len(opt.calibration_sample(torch.zeros(100, 3, 512, 512, dtype=torch.uint8))) == 16
+    assert len(calibration_sample(torch.zeros(100, 3, 224, 224, dtype=torch.uint8))) == 53
+    assert len(calibration_sample(torch.zeros(100, 3, 512, 512, dtype=torch.uint8))) == 16
     save_file({"images": torch.zeros(4, 3, 28, 28, dtype=torch.uint8)}, tmp_path / CALIBRATION_FILE)
     with pytest.raises(CheckpointError, match="for a 1-channel model"):
         load_model(tmp_path)
@@ -105,13 +107,29 @@ def test_calibration_images_travel_with_the_model(tmp_path):
         load_model(tmp_path)
 
 
+class _Calls(TorchFunctionMode):
+    """Records the torch functions a block of code calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
 def test_bf16_attention_takes_the_explicit_path_with_the_same_maths():
     torch.manual_seed(0)
     attn = vitkit.create_model("Ti/7@28").blocks[0].attn.eval()
     x = torch.randn(4, 17, 192)
     with torch.inference_mode():
-        ref, _ = attn(x)
+        with _Calls() as fused:
+            ref, _ = attn(x)
         attn.compute_dtype = torch.bfloat16  # as inside an int8 model
-        mixed, _ = attn(x)
+        with _Calls() as explicit:
+            mixed, _ = attn(x)
+    assert "scaled_dot_product_attention" in fused.names
+    assert "scaled_dot_product_attention" not in explicit.names and "softmax" in explicit.names
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, ref, atol=2e-2, rtol=2e-2)

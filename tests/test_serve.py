@@ -22,8 +22,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from vitkit import Classifier, create_model, load_model, save_model
+from vitkit.cli.serve import add_serve_command
 from vitkit.serve.app import create_app
-from vitkit.serve.commands import add_serve_command
 
 LABELS = [f"class {i}" for i in range(10)]
 MAX_UPLOAD = 400_000
@@ -389,7 +389,7 @@ def test_explain_bad_input(client):
 # -- a real server --------------------------------------------------------------------------
 SERVE = """
 import argparse, sys
-from vitkit.serve.commands import add_serve_command
+from vitkit.cli.serve import add_serve_command
 parser = argparse.ArgumentParser()
 add_serve_command(parser.add_subparsers())
 args = parser.parse_args(["serve", *sys.argv[1:]])

@@ -15,8 +15,8 @@ from vitkit import load_model
 from vitkit.cli import main
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.train import TrainConfig, load_recipe, train
-from vitkit.train.loop import model_config
 from vitkit.train.optim import lr_factor, param_groups
+from vitkit.train.setup import model_config
 from vitkit.weights import CheckpointError
 
 # A small, fast encoder for 8x8 digits: 16 patches of 2x2.

@@ -1,25 +1,24 @@
-"""`vitkit bench`: vitkit against timm and Hugging Face in one process, on the same weights.
+"""vitkit against timm and Hugging Face in one process, on the same weights (`vitkit bench`).
 
 Every implementation runs the same architecture with the same (converted) weights, batch,
 resolution and precision; runs alternate between implementations, so that a machine that
 speeds up or slows down affects all of them alike, and the median of the rounds is kept.
 The machine's fp32 and bf16 matmul peaks are measured in the same run: each result is also a
 fraction of them (on a GPU, the bf16 fraction of a training step is its model FLOPs
-utilisation, MFU). Peers (timm, transformers) are optional: missing ones are skipped.
+utilisation, MFU). The peers (timm, which needs torchvision, and transformers) are no
+dependencies of vitkit: `pip install 'vitkit[bench]'` adds them, and only the functions that
+build a peer import it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import importlib.util
-import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.config import get_preset
-from vitkit.infer.optimize import fast_precisions, optimize
+from vitkit.infer.optimize import optimize
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT, flops
+from vitkit.runtime import auto_bf16, fast_precisions
+from vitkit.weights.hf import to_hf
+from vitkit.weights.timm import to_timm
+
+# The packages the peers need, as `pip install 'vitkit[bench]'` installs them.
+PEER_PACKAGES = ("timm", "torchvision", "transformers")
 
 # vitkit preset -> timm model name (the same architecture).
 TIMM_NAMES = {
@@ -78,13 +83,19 @@ def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 # -- peers ----------------------------------------------------------------------------------
+def missing_peers() -> list[str]:
+    """The peers' packages that are not installed here (found without importing them)."""
+    return [name for name in PEER_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 _torchvision_ops: torch.library.Library | None = None
 
 
-def import_timm() -> Any:
-    """timm, whose import needs torchvision: PyPI's torchvision is a CUDA build whose compiled
-    ops can't load beside the CPU torch wheel, but it only needs their schemas to import, and
-    no ViT uses those ops. Declares them where torchvision's own library can't load."""
+def declare_torchvision_ops() -> None:
+    """Make torchvision importable (timm needs it, and so do parts of transformers): PyPI's
+    torchvision is a CUDA build whose compiled ops can't load beside the CPU torch wheel, but
+    importing it only needs their schemas, and no ViT uses those ops. Declares them where
+    torchvision's own library can't load."""
     global _torchvision_ops
     if _torchvision_ops is None and not _torchvision_ops_load():
         _torchvision_ops = torch.library.Library("torchvision", "DEF")
@@ -92,7 +103,12 @@ def import_timm() -> Any:
             _torchvision_ops.define(
                 f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
             )
-    import timm
+
+
+def import_timm() -> Any:
+    """timm, with torchvision made importable first (`declare_torchvision_ops`)."""
+    declare_torchvision_ops()
+    import timm  # an optional peer (vitkit[bench]), imported only when it is measured
 
     return timm
 
@@ -117,8 +133,6 @@ def _torchvision_ops_load() -> bool:
 
 
 def timm_model(model: ViT) -> nn.Module:
-    from vitkit.weights.timm import to_timm
-
     c = model.config
     net = import_timm().models.VisionTransformer(
         img_size=c.image_size,
@@ -135,10 +149,9 @@ def timm_model(model: ViT) -> nn.Module:
 
 
 def hf_model(model: ViT) -> nn.Module:
+    # An optional peer (vitkit[bench]), imported only when it is measured.
     from transformers import ViTForImageClassification
     from transformers.utils import logging as hf_logging
-
-    from vitkit.weights.hf import to_hf
 
     hf_logging.disable_progress_bar()
 
@@ -267,8 +280,6 @@ def bench_training(
 ) -> list[Result]:
     """Steps of AdamW (fused) on cross-entropy at the precision vitkit's training chooses; on
     a GPU also compiled (as `vitkit train --compile`), for vitkit and timm."""
-    from vitkit.train.loop import auto_bf16
-
     batch = batch or TRAIN_BATCH.get(preset, 32)
     config = get_preset(preset)
     classes = 10 if config.image_size < 64 else 1000
@@ -361,72 +372,3 @@ def report(results: list[Result], peaks: dict[str, float]) -> str:
                         text += f"; {r.mode}: {ratio:.2f}x"
             lines.append(text)
     return "\n".join(lines)
-
-
-def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="speed against timm and Hugging Face, in one process, as ratios"
-    )
-    p.add_argument("--models", nargs="+", default=list(TIMM_NAMES), help="presets for inference")
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 32], help="inference batches")
-    p.add_argument(
-        "--train",
-        nargs="*",
-        default=None,
-        metavar="PRESET",
-        help=f"also time training steps (default presets: {', '.join(TRAIN_BATCH)})",
-    )
-    p.add_argument(
-        "--train-batch", type=int, metavar="N", help="training batch (default: per preset)"
-    )
-    p.add_argument("--no-infer", action="store_true", help="training only")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
-    p.set_defaults(func=cmd_bench)
-    return p
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here")
-    threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
-    peaks = {
-        "fp32": matmul_peak(torch.float32, device),
-        "bf16": matmul_peak(torch.bfloat16, device),
-    }
-    print(
-        f"{where}; matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
-        f"bf16 {peaks['bf16']:.3f} TFLOP/s; fast modes here: "
-        f"{', '.join(fast_precisions(device)) or 'none'}",
-        flush=True,
-    )
-    results: list[Result] = []
-    if not args.no_infer:
-        for preset in args.models:
-            for batch in args.batch:
-                print(f"inference {preset} batch {batch}...", flush=True)
-                with _quiet():
-                    results += bench_inference(preset, batch, args.rounds, device)
-    train = list(TRAIN_BATCH) if args.train == [] else args.train or []
-    for preset in train:
-        print(f"training {preset}...", flush=True)
-        with _quiet():
-            results += bench_training(preset, args.rounds, device, args.train_batch)
-    print(report(results, peaks))
-    if args.json:
-        payload = {"machine": where, "peaks": peaks, "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=1) + "\n")
-    return 0
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Compilers' and converters' warnings are not results."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield

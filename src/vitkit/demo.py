@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from vitkit.cli import main as vitkit
+from vitkit.data import load_dataset
 
 RUN_DIR = Path("runs/demo")
 
@@ -23,8 +24,6 @@ def run(*argv: str) -> int:
 
 def write_samples(out: Path, per_class: int = 1) -> list[Path]:
     """A few Fashion-MNIST test images as PNG files, named after their true class."""
-    from vitkit.data import load_dataset
-
     test = load_dataset("fashion-mnist", "test")
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,7 +1,9 @@
 """PNG figures: a confusion matrix, and loss/accuracy curves from a training metrics log.
 
-Figures are drawn with matplotlib's object API and saved through the Agg renderer, never
-pyplot: no display is needed, and a caller's interactive backend is left alone.
+Figures (here and in `vitkit.infer.explain`) are made by `new_figure`: matplotlib's object API,
+saved through the Agg renderer, never pyplot, so no display is needed and a caller's
+interactive backend is left alone. matplotlib is imported on the first figure, not with
+vitkit: it takes about a second, which every command would otherwise pay.
 """
 
 from __future__ import annotations
@@ -9,12 +11,22 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The metrics the curves show; a log may hold others (lr, step, timing).
 _METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def new_figure(**kwargs: Any) -> Figure:
+    """A matplotlib Figure, not attached to pyplot (`kwargs` as `Figure` takes them)."""
+    from matplotlib.figure import Figure  # heavy: imported on first use
+
+    return Figure(**kwargs)
 
 
 def plot_confusion(
@@ -36,7 +48,7 @@ def plot_confusion(
     fraction = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     side = min(4 + 0.5 * n, 24)  # inches: 9 for 10 classes, capped for 100
     font = min(10, max(4, 240 / n))
-    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    fig = new_figure(figsize=(side + 1.5, side), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
@@ -66,7 +78,7 @@ def plot_curves(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, key in (("loss", "loss"), ("accuracy", "acc")):
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
+        fig = new_figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
         # Training metrics usually come every few steps, validation once an epoch: a thin
         # line for the first, markers for the second.

@@ -1,9 +1,17 @@
-"""Process-wide settings that make PyTorch on a CPU faster."""
+"""What the hardware offers and how to use it: CPU features, the precisions that run faster
+than fp32 here, and process-wide settings that make PyTorch on a CPU faster."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -28,3 +36,55 @@ def reuse_freed_memory() -> bool:
         return False
     # Both limits are ints: 1 GiB for mapping an allocation on its own, 2 GiB of free top.
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def fast_precisions(device: str | torch.device = "cpu") -> list[str]:
+    """The reduced precisions this device runs faster than fp32, fastest first."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ["bf16"] if torch.cuda.is_bf16_supported() else []
+    if device.type != "cpu":
+        return []
+    flags = cpu_flags()
+    modes = []
+    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"} and torch.backends.mkldnn.is_available():
+        modes.append("int8")
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        modes.append("bf16")
+    return modes
+
+
+def resolve_precision(
+    precision: str, device: str | torch.device = "cpu", allow_int8: bool = True
+) -> str:
+    """The concrete mode for `precision` on `device` ("auto" picks; the others are checked)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    fast = fast_precisions(device)
+    if precision == "auto":
+        usable = [p for p in fast if p != "int8" or allow_int8]
+        return usable[0] if usable else "fp32"
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError("int8 inference runs on x86 CPUs only; use bf16 on this device")
+    return precision
+
+
+def auto_bf16(device: torch.device) -> bool:
+    """bf16 autocast for training wherever the hardware has fast bf16: measured on a 2-core
+    AVX-512-bf16 CPU, steps are 1.7x faster at width 96 and 2.5x at width 192 (attention as
+    plain bf16 matmuls, see `vitkit.model.encoder.explicit_attention`), and the long
+    Fashion-MNIST recipe learns as in fp32."""
+    return "bf16" in fast_precisions(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vitkit.data import DatasetError, ImageDataset, stratified_split
+from vitkit.data.dataset import DatasetError, ImageDataset, stratified_split
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitkit.data import DatasetError, ImageDataset
+from vitkit.data.dataset import DatasetError, ImageDataset
 
 # IDX type codes; multi-byte values are big-endian on disk.
 _DTYPES = {

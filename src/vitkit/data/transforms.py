@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitkit.data.preprocess import normalize, resize, to_float
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -56,33 +58,7 @@ class AugmentConfig:
         return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
 
-# -- basics -------------------------------------------------------------------------------
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [0, 1]; float input is returned as it is."""
-    if images.dtype == torch.uint8:
-        return images.float().div_(255)
-    if not images.is_floating_point():
-        raise TypeError(f"expected uint8 or float images, got {images.dtype}")
-    return images
-
-
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(x - mean) / std per channel of a (..., C, H, W) batch."""
-    if len(mean) != x.shape[-3] or len(std) != x.shape[-3]:
-        raise ValueError(f"mean and std need one value per channel ({x.shape[-3]})")
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return (x - m) / s
-
-
-def resize(x: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
-    """A float batch in [0, 1] resized to size x size (antialiased when shrinking)."""
-    if x.shape[-2:] == (size, size):
-        return x
-    x = F.interpolate(x, size=(size, size), mode=mode, antialias=True, align_corners=False)
-    return x.clamp_(0, 1)  # bicubic overshoots at edges
-
-
+# -- random draws -----------------------------------------------------------------------
 def _rand(gen: torch.Generator, n: int, device: torch.device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=gen.device).to(device)
 

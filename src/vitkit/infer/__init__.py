@@ -1,6 +1,6 @@
 """Inference: classify images, evaluate on datasets, and turn logits into labels."""
 
-from vitkit.infer.evaluate import EvalReport, evaluate
+from vitkit.evaluate import EvalReport, evaluate
 from vitkit.infer.labels import probabilities, top_k
 from vitkit.infer.predict import Classifier, Prediction
 

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vitkit.data.preprocess import load_image, preprocess
 from vitkit.infer.labels import top_k
 from vitkit.model.vit import ViT
+from vitkit.plots import new_figure
 
 METHODS = ("rollout", "last-layer", "grad-rollout")
 Method = Literal["rollout", "last-layer", "grad-rollout"]
@@ -148,15 +150,10 @@ class Explanation:
 
     def save(self, path: str | Path) -> Path:
         """A figure: the image, the overlay (with the top labels), and per-head maps."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         heads = [] if self.head_maps is None else list(self.head_maps)
         cols = 2 + len(heads)
-        fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 3.0), squeeze=False)
-        axes = axes[0]
+        fig = new_figure(figsize=(2.6 * cols, 3.0), layout="tight")
+        axes = fig.subplots(1, cols, squeeze=False)[0]
         axes[0].imshow(self.image)
         axes[0].set_title("input", fontsize=9)
         axes[1].imshow(self.overlay())
@@ -168,10 +165,8 @@ class Explanation:
             ax.axis("off")
         caption = "   ".join(f"{name} {p:.1%}" for name, p in self.labels[:3])
         fig.suptitle(caption, fontsize=10)
-        fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return path
 
 
@@ -185,8 +180,6 @@ def explain_image(
     target: int | None = None,
 ) -> Explanation:
     """Explain one image (a file, a PIL image, or a uint8/float (C, H, W) tensor)."""
-    from vitkit.data.folder import load_image
-    from vitkit.infer.predict import preprocess
 
     c = model.config
     if isinstance(source, torch.Tensor):
@@ -219,7 +212,7 @@ def _unit(m: np.ndarray) -> np.ndarray:
 
 
 def _blend(image: Image.Image, heatmap: np.ndarray, alpha: float) -> Image.Image:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # heavy: imported on first use, as in vitkit.plots
 
     w, h = image.size
     up = F.interpolate(

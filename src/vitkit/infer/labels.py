@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache
-from importlib import resources
-
 import torch
-
-
-@cache
-def imagenet1k_labels() -> list[str]:
-    """The 1000 ImageNet-1k class names in the standard index order (WordNet lemmas), for
-    checkpoints that carry no names of their own (timm, Google)."""
-    text = resources.files("vitkit.infer").joinpath("imagenet1k.txt").read_text()
-    return text.splitlines()
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -18,81 +18,36 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
 from vitkit.config import ViTConfig
+from vitkit.data.dataset import CALIBRATION_IMAGES
+from vitkit.data.preprocess import preprocess
 from vitkit.model.encoder import Attention
 from vitkit.model.vit import ViT
-from vitkit.runtime import reuse_freed_memory
+from vitkit.runtime import (
+    Precision,
+    fast_precisions,
+    resolve_precision,
+    reuse_freed_memory,
+)
 
 # Inductor's int8 lowering warns about its own tensor copies on every compile.
 warnings.filterwarnings(
     "ignore", "To copy construct from a tensor", UserWarning, r"torch\._inductor\.mkldnn"
 )
 
-Precision = Literal["auto", "fp32", "bf16", "int8"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
-# Images the int8 calibration looks at; more changes the scales little and costs time.
-CALIBRATION_IMAGES = 128
-CALIBRATION_BYTES = 8_000_000
 # int8 compiles each batch size (10-30 s for S/16 on 2 cores): fewer images than this are
 # classified sooner in bf16.
 INT8_MIN_IMAGES = 2000
 # Largest batch one compiled int8 call takes; larger batches are split.
 MAX_BATCH = 64
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux); empty where they cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def fast_precisions(device: str | torch.device = "cpu") -> list[str]:
-    """The reduced precisions this device runs faster than fp32, fastest first."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return ["bf16"] if torch.cuda.is_bf16_supported() else []
-    if device.type != "cpu":
-        return []
-    flags = cpu_flags()
-    modes = []
-    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"} and torch.backends.mkldnn.is_available():
-        modes.append("int8")
-    if flags & {"amx_bf16", "avx512_bf16"}:
-        modes.append("bf16")
-    return modes
-
-
-def resolve_precision(
-    precision: str, device: str | torch.device = "cpu", allow_int8: bool = True
-) -> str:
-    """The concrete mode for `precision` on `device` ("auto" picks; the others are checked)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    fast = fast_precisions(device)
-    if precision == "auto":
-        usable = [p for p in fast if p != "int8" or allow_int8]
-        return usable[0] if usable else "fp32"
-    if precision == "int8" and torch.device(device).type != "cpu":
-        raise ValueError("int8 inference runs on x86 CPUs only; use bf16 on this device")
-    return precision
 
 
 def int8_batch_sizes(max_batch: int) -> list[int]:
@@ -158,20 +113,6 @@ class OptimizedViT(nn.Module):
         return f"precision={self.precision}"
 
 
-def input_spec(model: ViT | OptimizedViT) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype a model's inputs should have (an `OptimizedViT` casts its own)."""
-    return model.input_spec()
-
-
-def calibration_sample(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A fixed random subset of uint8 training images to keep with a trained model: up to
-    CALIBRATION_IMAGES of them and about CALIBRATION_BYTES (at least 16)."""
-    per_image = images[0].numel() * images.element_size()
-    n = min(len(images), CALIBRATION_IMAGES, max(16, CALIBRATION_BYTES // per_image))
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    return images[order[:n]].cpu().clone()
-
-
 def optimize(
     model: ViT,
     precision: Precision | str = "auto",
@@ -204,16 +145,15 @@ def optimize(
                 "int8 needs calibration images: pass calibration=(N, C, H, W) images, or use "
                 "a model trained with vitkit (it carries them)"
             )
-        net, dtype = quantize_int8(model, calibration), torch.float32
+        net, dtype = compile_int8(model, calibration), torch.float32
     fast = OptimizedViT(net, model.config, model.labels, mode, dtype, device)
     if mode == "int8":  # compile now, not inside the first prediction
         fast.compile_seconds = fast.warm_up(1)
     return fast
 
 
-def quantize_int8(model: ViT, calibration: torch.Tensor) -> nn.Module:
+def compile_int8(model: ViT, calibration: torch.Tensor) -> nn.Module:
     """Static int8 quantisation (PT2E, x86 inductor quantiser), compiled with inductor."""
-    from vitkit.infer.predict import preprocess
 
     with _quiet_loggers("torchao", "torch.utils._pytree"):  # CUDA-only parts, deprecations
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

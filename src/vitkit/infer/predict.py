@@ -14,16 +14,12 @@ import torch
 from PIL import Image
 
 from vitkit.config import ViTConfig
-from vitkit.data import DatasetError
-from vitkit.data.folder import image_extensions, load_image
-from vitkit.data.transforms import normalize, resize, to_float
+from vitkit.data.dataset import DatasetError
+from vitkit.data.preprocess import image_extensions, load_image, preprocess
 from vitkit.infer.labels import top_k as top_k_labels
 from vitkit.infer.optimize import optimize
 from vitkit.model.vit import ViT
 from vitkit.weights.format import load_model
-
-# ITU-R 601-2 luma, the weights Pillow uses for RGB -> "L".
-_LUMA = (0.299, 0.587, 0.114)
 
 ImageInput = str | Path | Image.Image | torch.Tensor
 
@@ -60,41 +56,6 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
             )
         )
     return out
-
-
-def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Float images (B, C, H, W) with `channels` channels: grey is repeated, colour to luma."""
-    have = x.shape[1]
-    if have == channels:
-        return x
-    if have == 1:
-        return x.expand(-1, channels, -1, -1)
-    if channels == 1:
-        if have == 3:
-            weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-            return (x * weights).sum(dim=1, keepdim=True)
-        return x.mean(dim=1, keepdim=True)
-    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
-
-
-def preprocess(images: torch.Tensor, config: ViTConfig) -> torch.Tensor:
-    """Images (B, C, H, W), uint8 or float in [0, 1], as the normalised inputs `config` expects.
-
-    Channels are matched, non-square images centre-cropped, and the size changed with the
-    model's interpolation (antialiased); then `(x - mean) / std` per channel.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"expected images (B, C, H, W), got {tuple(images.shape)}")
-    if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise ValueError(f"expected uint8 or float images, got {images.dtype}")
-    x = match_channels(to_float(images), config.in_channels)
-    h, w = x.shape[-2:]
-    if h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        x = x[..., top : top + side, left : left + side]
-    x = resize(x, config.image_size, config.interpolation)
-    return normalize(x, config.mean, config.std)
 
 
 class Classifier:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.config import ViTConfig
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
@@ -16,7 +18,13 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, width: int, heads: int, qkv_bias: bool, attn_dropout: float, dropout: float
+        self,
+        width: int,
+        heads: int,
+        *,
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -91,24 +99,21 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)): the pre-norm block of the paper (eq. 2-3)."""
+    """x + Attn(LN(x)), then x + MLP(LN(x)): the pre-norm block of the paper (eq. 2-3).
 
-    def __init__(
-        self,
-        width: int,
-        heads: int,
-        mlp_dim: int,
-        qkv_bias: bool,
-        dropout: float,
-        attn_dropout: float,
-        drop_path: float,
-        ln_eps: float,
-    ) -> None:
+    Its sizes and dropout rates are the config's; `drop_path` is this block's own rate
+    (stochastic depth grows with depth, see `ViT`).
+    """
+
+    def __init__(self, config: ViTConfig, drop_path: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=ln_eps)
-        self.attn = Attention(width, heads, qkv_bias, attn_dropout, dropout)
-        self.norm2 = nn.LayerNorm(width, eps=ln_eps)
-        self.mlp = Mlp(width, mlp_dim, dropout)
+        c = config
+        self.norm1 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.attn = Attention(
+            c.width, c.heads, qkv_bias=c.qkv_bias, dropout=c.dropout, attn_dropout=c.attn_dropout
+        )
+        self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.mlp = Mlp(c.width, c.mlp_dim, c.dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(

@@ -41,10 +41,7 @@ class ViT(nn.Module):
         # Stochastic depth grows linearly with depth, as in DeiT / timm.
         # (Computed on the CPU even when the model is built on the meta device, see `state_shapes`.)
         rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList(
-            Block(c.width, c.heads, c.mlp_dim, c.qkv_bias, c.dropout, c.attn_dropout, r, c.ln_eps)
-            for r in rates
-        )
+        self.blocks = nn.ModuleList(Block(c, r) for r in rates)
         self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(c.width, eps=c.ln_eps)
         self.fc_norm = nn.LayerNorm(c.width, eps=c.ln_eps) if c.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.dropout)

@@ -1,6 +1,7 @@
 """Serve a model over HTTP: a JSON API with micro-batched inference, and a web page.
 
-`vitkit.serve.app.create_app(model)` builds the FastAPI application; `vitkit serve MODEL_DIR`
-runs it with uvicorn. Nothing here is imported until used, so the `vitkit` command stays quick
-to start.
+`vitkit.serve.app.create_app(model)` builds the FastAPI application from its parts: `decode`
+(an upload and its limits), `batcher` (micro-batching on the model's thread), `routes` (the
+endpoints) and `schemas` (what they take and return); `vitkit serve MODEL_DIR` runs it with
+uvicorn. Nothing here is imported until used, so the `vitkit` command stays quick to start.
 """

@@ -29,20 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from vitkit.rundir import (
+    BEST_DIR,
+    CHECKPOINTS,
+    LEGACY_STATE_FILE,
+    PARTIAL_SUFFIX,
+    POINTER_FILE,
+    STATE_JSON,
+    STATE_PREFIX,
+)
 from vitkit.weights.format import CheckpointError, atomic_write, fsync_dir
 
-CHECKPOINTS = "checkpoints"
-POINTER_FILE = "last.json"
-STATE_JSON = "state.json"
-STATE_PREFIX = "step-"
-PARTIAL_SUFFIX = ".partial"
-# Earlier vitkit versions kept a pickle here; it is never loaded.
-LEGACY_STATE_FILE = "last.pt"
 FORMAT_VERSION = 1
 # A state.json is a few kilobytes; anything far larger is not one of ours.
 MAX_STATE_JSON_BYTES = 16 * 2**20
@@ -81,6 +80,7 @@ def save(
     if final.is_dir():
         return  # saved already: stopped right after resuming
     tensors, plain = _state_tensors(model, optimizer, ema)
+    dcp = _dcp()
     writer = dcp.HuggingFaceStorageWriter(
         str(partial), fqn_to_index_mapping=_files(tensors), save_distributed=True
     )
@@ -102,7 +102,7 @@ def save(
 
 def clean(run_dir: Path) -> None:
     """Remove what a killed process left half-written: partial states and temporary files."""
-    for directory in (run_dir, run_dir / "best", run_dir / CHECKPOINTS):
+    for directory in (run_dir, run_dir / BEST_DIR, run_dir / CHECKPOINTS):
         if not directory.is_dir():
             continue
         for path in directory.iterdir():
@@ -157,6 +157,7 @@ def restore(
     """Load `state` into the model, optimiser and EMA, however they are sharded now."""
     tensors, _ = _state_tensors(model, optimizer, ema)
     sharded = _is_sharded(model)
+    dcp = _dcp()
     try:
         with _quiet_single_process():
             dcp.load(
@@ -164,7 +165,7 @@ def restore(
                 storage_reader=dcp.HuggingFaceStorageReader(str(state.path)),
                 no_dist=not sharded,
             )
-        set_state_dict(
+        dcp.state_dict.set_state_dict(
             model,
             optimizer,
             model_state_dict=tensors["model"],
@@ -175,7 +176,7 @@ def restore(
         )
     # torch raises many types for missing, misshapen or corrupt tensors; the checkpointer wraps
     # them in a CheckpointException, which is a BaseException.
-    except (Exception, CheckpointException) as e:
+    except (Exception, dcp.api.CheckpointException) as e:
         reason = " ".join(str(e).split())[:500]
         raise CheckpointError(
             f"{state.path}: does not hold this run's model and optimiser ({reason})"
@@ -188,7 +189,7 @@ def _state_tensors(
     """Everything a state holds: its tensors (each as this process's shards, keyed by names,
     not positions, so that any number of processes can load them) and the optimiser's
     settings, which are plain numbers for state.json."""
-    weights, optim = get_state_dict(model, optimizer)
+    weights, optim = _dcp().state_dict.get_state_dict(model, optimizer)
     for name, values in optim["state"].items():
         for key, value in values.items():
             if not isinstance(value, torch.Tensor):
@@ -282,6 +283,16 @@ def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def _dcp() -> Any:
+    """`torch.distributed.checkpoint`, imported on first use: it takes 1.5 s, which every
+    `vitkit` command would otherwise pay at start-up."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.api
+    import torch.distributed.checkpoint.state_dict  # noqa: F401 - submodules used as dcp.*
+
+    return dcp
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +29,30 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vitkit.config import ViTConfig, get_preset
-from vitkit.data import ImageDataset, dataset_stats, load_dataset
+import vitkit.train.checkpoint as checkpoint
+import vitkit.train.distributed as distributed
+from vitkit.data import ImageDataset
 from vitkit.data.transforms import TrainTransform
-from vitkit.infer.evaluate import evaluate
-from vitkit.infer.optimize import calibration_sample, fast_precisions
-from vitkit.model.factory import create_model
+from vitkit.evaluate import evaluate
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
+from vitkit.rundir import BEST_DIR, METRICS_FILE, TRAIN_CONFIG_FILE
 from vitkit.runtime import reuse_freed_memory
-from vitkit.train import checkpoint, distributed
 from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
 from vitkit.train.optim import build_optimizer, lr_factor
-from vitkit.weights import CheckpointError, atomic_write, load_pretrained, save_model
+from vitkit.train.setup import model_and_data, read_saved, use_bf16
+from vitkit.weights import CheckpointError, atomic_write, save_model
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["TrainResult", "train"]
+
 # A line an epoch of some 300 bytes: a real log is far smaller.
 MAX_METRICS_BYTES = 64 * 2**20
-TRAIN_CONFIG_FILE = "train.json"
+# Called after each step with the number of steps done (see `train`).
+StepHook = Callable[[int], None]
+# Which signal has asked the run to stop, if any (see `_stop_on_signals`).
+StopSignal = Callable[[], int | None]
 
 
 @dataclass
@@ -64,123 +68,51 @@ class TrainResult:
     stop_signal: int | None = None
 
 
-# -- choices ---------------------------------------------------------------------------
-# Image folders are decoded to this size unless a preset or recipe says otherwise.
-FOLDER_IMAGE_SIZE = 64
+@dataclass
+class Run:
+    """A run in progress: what it trains and with what, its schedule, and how far it has come.
+
+    Sharded, `model` holds this process's shards and `plain` is rank 0's whole copy, to evaluate
+    and save; otherwise both are the one model. `net` is what forward and backward run through
+    (DDP, FSDP, compiled or the model itself), `parts` this process's micro-batches of a batch.
+    """
+
+    cfg: TrainConfig
+    run_dir: Path
+    world: World
+    progress: bool
+    model: ViT
+    plain: ViT
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: list[torch.Tensor] | None
+    autocast: torch.autocast
+    parts: list[tuple[int, slice, float]]
+    # The data: training images and labels on the device, their augmentation, held-out data.
+    images: torch.Tensor
+    labels: torch.Tensor
+    transform: TrainTransform
+    val_ds: ImageDataset
+    # The schedule, in steps.
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    stop_after: int
+    # How far it has come.
+    step: int = 0
+    best: float | None = None
+    val_acc: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # (images, correct predictions, summed loss) of the epoch so far
+    sums: tuple[int, int, float] = (0, 0, 0.0)
+    lr: float = 0.0  # the last step's
+    start: float = 0.0
+    last_save: float = 0.0
+    # For images/s: what this process has trained on of the current epoch, since when.
+    seen: int = 0
+    epoch_start: float = 0.0
 
 
-def default_preset(image_size: int) -> str:
-    """A small-image preset suited to the data's size (recipes name their own)."""
-    return {28: "Ti/4@28", 32: "Ti/4@32"}.get(image_size, "Ti/4@28")
-
-
-def model_config(cfg: TrainConfig, train: ImageDataset) -> ViTConfig:
-    """Preset + recipe overrides, fitted to the data: size, channels, classes, normalisation."""
-    base = get_preset(cfg.model or default_preset(train.image_size))
-    mean, std = dataset_stats(train)
-    std = tuple(s if s > 1e-6 else 1.0 for s in std)  # a constant channel: centre it only
-    fitted: dict[str, Any] = {
-        "image_size": train.image_size,
-        "in_channels": train.channels,
-        "num_classes": len(train.classes),
-        "mean": mean,
-        "std": std,
-    }
-    if cfg.model is None and train.image_size not in (28, 32):
-        fitted["patch_size"] = max(1, train.image_size // 8)  # an 8x8 grid of patches
-    return base.replace(**(fitted | cfg.model_overrides))
-
-
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.precision != "auto":
-        return cfg.precision == "bf16"
-    return auto_bf16(device)
-
-
-def auto_bf16(device: torch.device) -> bool:
-    """bf16 autocast wherever the hardware has fast bf16: measured on a 2-core AVX-512-bf16
-    CPU, steps are 1.7x faster at width 96 and 2.5x at width 192 (attention as plain bf16
-    matmuls, see `explicit_attention`), and the long Fashion-MNIST recipe learns as in fp32."""
-    return "bf16" in fast_precisions(device)
-
-
-def load_splits(
-    cfg: TrainConfig, image_size: int | None, channels: int | None = None
-) -> tuple[ImageDataset, ImageDataset]:
-    """Training data and held-out data: the dataset's test split, or a folder's validation part."""
-    kwargs = {"data_dir": cfg.data_dir, "image_size": image_size, "channels": channels}
-    if cfg.data in ("fashion-mnist", "mnist", "digits"):
-        return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "test", **kwargs)
-    kwargs["val_fraction"] = cfg.val_fraction
-    return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
-
-
-def _setup(
-    cfg: TrainConfig,
-    state: SavedState | None,
-    datasets: tuple[ImageDataset, ImageDataset] | None,
-) -> tuple[ViT, ImageDataset, ImageDataset]:
-    """The model to train and its data: resumed from `state`, fine-tuned from `cfg.init`, or
-    new from a preset fitted to the data."""
-    pretrained = load_pretrained(cfg.init) if cfg.init and state is None else None
-    if state is not None:
-        config = _saved(state, "model_config", ViTConfig.from_dict)
-    else:
-        config = pretrained.config if pretrained is not None else None
-    size = cfg.model_overrides.get("image_size", config.image_size if config else None)
-    if state is not None:
-        size = config.image_size
-    elif size is None and cfg.model:
-        size = get_preset(cfg.model).image_size
-    elif size is None and Path(cfg.data).is_dir():
-        size = FOLDER_IMAGE_SIZE
-    # A new model's `in_channels` override converts the data (e.g. a folder to grey).
-    channels = config.in_channels if config else cfg.model_overrides.get("in_channels")
-    train_ds, val_ds = datasets or load_splits(cfg, size, channels)
-    if pretrained is not None:
-        model = _fit_pretrained(pretrained, cfg, train_ds)
-    else:
-        model = create_model(config or model_config(cfg, train_ds), seed=cfg.seed)
-    model.labels = train_ds.classes
-    model.calibration = calibration_sample(train_ds.images, cfg.seed)
-    if cfg.linear_probe:  # train the head only
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
-    return model, train_ds, val_ds
-
-
-# What a recipe's [model] may change in a pretrained model: regularisation, not weights.
-FINETUNE_OVERRIDES = frozenset({"dropout", "attn_dropout", "drop_path"})
-
-
-def _fit_pretrained(model: ViT, cfg: TrainConfig, train: ImageDataset) -> ViT:
-    """A pretrained model with a head for the data's classes, at the data's resolution."""
-    n = len(train.classes)
-    if cfg.num_classes is not None:
-        if cfg.num_classes != n:
-            raise ValueError(f"--num-classes {cfg.num_classes}, but the data has {n} classes")
-        model.reset_head(n)
-    elif model.config.num_classes != n:
-        raise ValueError(
-            f"the pretrained head has {model.config.num_classes} classes and the "
-            f"data {n}: pass --num-classes {n} for a new head"
-        )
-    model.set_image_size(train.image_size)  # position embeddings resampled if it differs
-    overrides = {k: v for k, v in cfg.model_overrides.items() if k != "image_size"}
-    fixed = sorted(set(overrides) - FINETUNE_OVERRIDES)
-    if fixed:
-        raise ValueError(
-            f"a pretrained model's {', '.join(fixed)} cannot change when fine-tuning; "
-            f"[model] may set {', '.join(sorted(FINETUNE_OVERRIDES | {'image_size'}))}"
-        )
-    if overrides:  # regularisation lives in the modules: rebuild them, keep every weight
-        tuned = ViT(model.config.replace(**overrides))
-        tuned.load_state_dict(model.state_dict())
-        model = tuned
-    return model
-
-
-# -- the loop --------------------------------------------------------------------------
 def train(
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -188,12 +120,14 @@ def train(
     progress: bool = True,
     device: str | None = None,
     datasets: tuple[ImageDataset, ImageDataset] | None = None,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train a ViT as `cfg` says, writing everything into `run_dir` (itself a model dir).
 
     `datasets` (train, held-out) replaces loading `cfg.data`, e.g. for data already in memory.
     Under torchrun every process calls this and trains on its part of each batch; rank 0
-    alone evaluates, logs and writes the model, and all return the same result.
+    alone evaluates, logs and writes the model, and all return the same result. `on_step`,
+    if given, is called in every process after each step with the number of steps done.
     """
     run_dir = Path(run_dir)
     main = distributed.rank() == 0
@@ -203,202 +137,191 @@ def train(
     if states:
         # The run's own settings hold, except how far to go this time.
         max_steps = cfg.max_steps
-        cfg = _saved(
+        cfg = read_saved(
             states[0], "train_config", lambda d: TrainConfig.from_dict(d | {"max_steps": max_steps})
         )
     reuse_freed_memory()
     with distributed.joined(distributed.pick_device(device), cfg.shard) as world:
-        return _train(cfg, run_dir, states, world, progress and world.main, datasets)
+        run = _start(cfg, run_dir, states, world, datasets, progress and world.main)
+        return _train(run, on_step)
 
 
-def _saved(state: SavedState, key: str, parse: Callable[[dict[str, Any]], Any]) -> Any:
-    """`parse` of settings a saved state holds, any error in them named by the file."""
-    try:
-        return parse(state.meta[key])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{state.path / checkpoint.STATE_JSON}: {key}: {e}") from None
-
-
-def _train(
+def _start(
     cfg: TrainConfig,
     run_dir: Path,
     states: list[SavedState],
     world: World,
-    progress: bool,
     datasets: tuple[ImageDataset, ImageDataset] | None,
-) -> TrainResult:
+    progress: bool,
+) -> Run:
+    """The run set up: resumed from the newest of `states` that loads, or new; rank 0 writes
+    its settings and log."""
     dev = world.device
-    model, train_ds, val_ds = _setup(cfg, states[0] if states else None, datasets)
+    model, train_ds, val_ds = model_and_data(cfg, states[0] if states else None, datasets)
     if not states and str(cfg.init).startswith(("hf:", "timm:")):
         # A Hub name pinned to the commit it resolved to, so that train.json reproduces it.
         cfg = dataclasses.replace(cfg, init=model.config.source or cfg.init)
     model.to(dev)
-    config = model.config
-    # Sharded, the model is nowhere whole: rank 0 keeps a plain copy to evaluate and save.
-    plain = copy.deepcopy(model) if cfg.shard and world.main else model
-    net = distributed.wrap(model, world, cfg.shard)  # what forward and backward run through
-    fused = not cfg.shard and dev.type in ("cpu", "cuda")
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, fused)
-    ema = [p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None
-
     steps_per_epoch = len(train_ds) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(train_ds)} training images")
-    parts = world.micro_batches(cfg.batch_size, cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
-    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    step, best, history, sums = 0, None, [], (0, 0, 0.0)
+    fused = not cfg.shard and dev.type in ("cpu", "cuda")
+    run = Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        world=world,
+        progress=progress,
+        model=model,
+        # Sharded, the model is nowhere whole: rank 0 keeps a plain copy to evaluate and save.
+        plain=copy.deepcopy(model) if cfg.shard and world.main else model,
+        net=distributed.wrap(model, world, cfg.shard),
+        optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, fused),
+        ema=[p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None,
+        autocast=torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)),
+        parts=world.micro_batches(cfg.batch_size, cfg.grad_accum),
+        images=train_ds.images.to(dev),
+        labels=train_ds.labels.to(dev),
+        transform=TrainTransform(
+            cfg.augment, model.config.mean, model.config.std, len(train_ds.classes)
+        ),
+        val_ds=val_ds,
+        steps_per_epoch=steps_per_epoch,
+        total=total,
+        warmup=max(1, round(cfg.warmup_epochs * steps_per_epoch)),
+        stop_after=min(total, cfg.max_steps) if cfg.max_steps is not None else total,
+    )
     if states:
-        state = _restore(states, model, optimizer, ema, world.main)
-        world.check_same(state.step, "the step to resume from")
-        step, best = state.step, state.meta["best_val_acc"]
-        history = [m for m in _read_metrics(run_dir) if m["step"] <= step]
-        if step % steps_per_epoch:  # mid-epoch: the epoch's running figures go on
-            sums = _saved(state, "epoch_sums", _epoch_sums)
+        _resume(run, states)
     if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Rewritten on resume too: `max_steps` is the only setting a resumed run takes anew.
-        atomic_write(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        _write_metrics(run_dir, history)
-
-    bf16 = use_bf16(cfg, dev)
+        _write_settings(run)
     if cfg.compile:
         if world.size > 1:
             raise ValueError("compile is for single-process training")
-        net = torch.compile(net)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-    transform = TrainTransform(cfg.augment, config.mean, config.std, len(train_ds.classes))
-    images, labels = train_ds.images.to(dev), train_ds.labels.to(dev)
-    stop_after = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-    val_acc = None
-    start = last_save = time.perf_counter()
+        run.net = torch.compile(run.net)
+    run.start = run.last_save = time.perf_counter()
+    return run
 
-    def save() -> None:
-        nonlocal last_save
-        meta = {
-            "step": step,
-            "best_val_acc": best,
-            "epoch_sums": list(sums),
-            "train_config": cfg.to_dict(),
-            "model_config": config.to_dict(),
-        }
-        checkpoint.save(run_dir, model, optimizer, ema, meta, cfg.shard, world.main)
-        last_save = time.perf_counter()
 
+def _resume(run: Run, states: list[SavedState]) -> None:
+    """Carry on from the newest state that loads: weights, optimiser, EMA, progress and log."""
+    state = _restore(states, run.model, run.optimizer, run.ema, run.world.main)
+    run.world.check_same(state.step, "the step to resume from")
+    run.step, run.best = state.step, state.meta["best_val_acc"]
+    run.history = [m for m in _read_metrics(run.run_dir) if m["step"] <= run.step]
+    if run.step % run.steps_per_epoch:  # mid-epoch: the epoch's running figures go on
+        run.sums = read_saved(state, "epoch_sums", _epoch_sums)
+
+
+def _write_settings(run: Run) -> None:
+    """train.json and the log so far, into a run directory made if new."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    # Rewritten on resume too: `max_steps` is the only setting a resumed run takes anew.
+    settings = json.dumps(run.cfg.to_dict(), indent=2) + "\n"
+    atomic_write(run.run_dir / TRAIN_CONFIG_FILE, settings)
+    _write_metrics(run.run_dir, run.history)
+
+
+def _train(run: Run, on_step: StepHook | None) -> TrainResult:
+    """Epoch after epoch, each ending with a save, until the run is done or a signal stops it."""
     with _stop_on_signals() as stop_signal:
         stop = False  # Ctrl-C or SIGTERM in any process, once all of them have heard of it
-        while step < stop_after and not stop:
-            epoch = step // steps_per_epoch
-            perm = torch.randperm(len(train_ds), generator=_gen(cfg.seed, epoch, -1)).to(dev)
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=step % steps_per_epoch,
-                disable=not progress,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                unit="step",
-                dynamic_ncols=True,
-            )
-            # (images, correct predictions, summed loss) of the epoch so far
-            sums = sums if step % steps_per_epoch else (0, 0, 0.0)
-            seen_here, t0 = 0, time.perf_counter()  # for images/s: this process's part only
-            net.train()
-            while step < stop_after and step // steps_per_epoch == epoch and not stop:
-                i = step % steps_per_epoch
-                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                gen = _gen(cfg.seed, epoch, i)
-                dropout_seed = int(torch.randint(2**62, (1,), generator=gen))
-                # Every process augments the whole global batch and keeps its part: the random
-                # draws (and mixup's pairs) are then the same for any number of processes.
-                x, targets = transform(images[idx], labels[idx], gen)
-                lr = cfg.lr * lr_factor(step, total, warmup, cfg.min_lr_factor)
-                losses, hits = _step(
-                    net, model, optimizer, ema, x, targets, lr, cfg, autocast, parts, dropout_seed
-                )
-                step += 1
-                # Rank 0's clock decides when to save, so that all processes save together.
-                due = world.main and time.perf_counter() - last_save >= cfg.save_every * 60
-                losses, hits, stops, saves = world.sum(
-                    [losses, hits, float(stop_signal() is not None), float(due)]
-                )
-                stop = stops > 0
-                sums = (sums[0] + len(idx), sums[1] + int(hits), sums[2] + losses)
-                seen_here += len(idx)
-                bar.update()
-                bar.set_postfix(
-                    loss=f"{sums[2] / sums[0]:.3f}",
-                    acc=f"{sums[1] / sums[0]:.3f}",
-                    lr=f"{lr:.2e}",
-                    img_s=f"{seen_here / (time.perf_counter() - t0):.0f}",
-                )
-                if saves and not stop and step % steps_per_epoch and step < stop_after:
-                    save()  # mid-epoch; the epoch's end and a stop save below
-            bar.close()
-            if step % steps_per_epoch == 0 or step == stop_after:
-                # Curves are redrawn about 20 times a run (and at its end): plotting costs
-                # about a second, which adds up over hundreds of short epochs.
-                plot = (
-                    step == stop_after or (step // steps_per_epoch) % max(1, cfg.epochs // 20) == 0
-                )
-                whole, whole_ema = _whole(model, plain, ema, cfg.shard, world)
-                if world.main:
-                    val_acc, best = _end_epoch(
-                        run_dir,
-                        whole,
-                        whole_ema,
-                        val_ds,
-                        autocast,
-                        best,
-                        history,
-                        {
-                            "epoch": step / steps_per_epoch,
-                            "step": step,
-                            "lr": lr,
-                            "train_loss": sums[2] / max(sums[0], 1),
-                            "train_acc": sums[1] / max(sums[0], 1),
-                            "images_per_second": seen_here / (time.perf_counter() - t0),
-                            "elapsed_s": time.perf_counter() - start,
-                        },
-                        progress,
-                        plot,
-                    )
-                val_acc, best = world.broadcast((val_acc, best))
-            save()
+        while run.step < run.stop_after and not stop:
+            stop = _epoch(run, stop_signal, on_step)
+            _save(run)
         received = stop_signal() if stop else None
-        interrupted = stop
-    if interrupted and progress:
-        print(f"interrupted at step {step}; resume with: vitkit train --resume {run_dir}")
-    if interrupted and received is None:
+    if stop and run.progress:
+        print(f"interrupted at step {run.step}; resume with: vitkit train --resume {run.run_dir}")
+    if stop and received is None:
         received = signal.SIGINT  # another process was stopped
+    seconds = time.perf_counter() - run.start
     return TrainResult(
-        run_dir, step, total, val_acc, best, time.perf_counter() - start, interrupted, received
+        run.run_dir, run.step, run.total, run.val_acc, run.best, seconds, stop, received
     )
 
 
-def _step(
-    net: nn.Module,
-    model: ViT,
-    optimizer: torch.optim.Optimizer,
-    ema: list[torch.Tensor] | None,
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    lr: float,
-    cfg: TrainConfig,
-    autocast: torch.autocast,
-    parts: list[tuple[int, slice, float]],
-    dropout_seed: int,
+def _epoch(run: Run, stop_signal: StopSignal, on_step: StepHook | None) -> bool:
+    """Train from the current step to the epoch's end (or the run's, or a stop), evaluating if
+    either end is reached; returns whether a signal stopped the run."""
+    cfg, per_epoch = run.cfg, run.steps_per_epoch
+    epoch = run.step // per_epoch
+    perm = torch.randperm(len(run.images), generator=_gen(cfg.seed, epoch, -1))
+    perm = perm.to(run.world.device)
+    bar = tqdm(
+        total=per_epoch,
+        initial=run.step % per_epoch,
+        disable=not run.progress,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    if run.step % per_epoch == 0:  # a new epoch (not one resumed midway): its figures start at 0
+        run.sums = (0, 0, 0.0)
+    run.seen, run.epoch_start = 0, time.perf_counter()
+    run.net.train()
+    stop = False
+    while run.step < run.stop_after and run.step // per_epoch == epoch and not stop:
+        stop = _step(run, perm, stop_signal)
+        images, correct, loss = run.sums
+        bar.update()
+        bar.set_postfix(
+            loss=f"{loss / images:.3f}",
+            acc=f"{correct / images:.3f}",
+            lr=f"{run.lr:.2e}",
+            img_s=f"{run.seen / (time.perf_counter() - run.epoch_start):.0f}",
+        )
+        if on_step is not None:
+            on_step(run.step)
+    bar.close()
+    if run.step % per_epoch == 0 or run.step == run.stop_after:
+        _end_epoch(run)
+    return stop
+
+
+def _step(run: Run, perm: torch.Tensor, stop_signal: StopSignal) -> bool:
+    """One step of the loop: the batch and its random draws, the update, the figures summed
+    over the processes, a save if one is due. Returns whether a signal stops the run."""
+    cfg = run.cfg
+    epoch, i = divmod(run.step, run.steps_per_epoch)
+    idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+    gen = _gen(cfg.seed, epoch, i)
+    dropout_seed = int(torch.randint(2**62, (1,), generator=gen))
+    # Every process augments the whole global batch and keeps its part: the random draws (and
+    # mixup's pairs) are then the same for any number of processes.
+    x, targets = run.transform(run.images[idx], run.labels[idx], gen)
+    run.lr = cfg.lr * lr_factor(run.step, run.total, run.warmup, cfg.min_lr_factor)
+    losses, hits = _update(run, x, targets, dropout_seed)
+    run.step += 1
+    # Rank 0's clock decides when to save, so that all processes save together.
+    due = run.world.main and time.perf_counter() - run.last_save >= cfg.save_every * 60
+    losses, hits, stops, saves = run.world.sum(
+        [losses, hits, float(stop_signal() is not None), float(due)]
+    )
+    stop = stops > 0
+    sums = run.sums
+    run.sums = (sums[0] + len(idx), sums[1] + int(hits), sums[2] + losses)
+    run.seen += len(idx)
+    if saves and not stop and run.step % run.steps_per_epoch and run.step < run.stop_after:
+        _save(run)  # mid-epoch; the epoch's end and a stop save in `_train`
+    return stop
+
+
+def _update(
+    run: Run, x: torch.Tensor, targets: torch.Tensor, dropout_seed: int
 ) -> tuple[float, int]:
-    """One optimisation step, on this process's micro-batches of the global batch (x, targets);
-    returns their summed loss and their number of correct predictions."""
+    """One optimisation step at `run.lr`, on this process's micro-batches of the global batch
+    (x, targets); returns their summed loss and their number of correct predictions."""
+    cfg, optimizer = run.cfg, run.optimizer
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+        group["lr"] = run.lr * group["lr_scale"]
     optimizer.zero_grad(set_to_none=True)
     hard = targets if targets.ndim == 1 else targets.argmax(-1)
     loss_sum, correct = 0.0, 0
-    for k, (j, part, weight) in enumerate(parts):
+    for k, (j, part, weight) in enumerate(run.parts):
         torch.manual_seed(dropout_seed + j)  # dropout, stochastic depth
-        with distributed.grad_sync(net, sync=k == len(parts) - 1):
-            with autocast:
-                logits = net(x[part])
+        with distributed.grad_sync(run.net, sync=k == len(run.parts) - 1):
+            with run.autocast:
+                logits = run.net(x[part])
             loss = F.cross_entropy(
                 logits.float(), targets[part], label_smoothing=cfg.label_smoothing
             )
@@ -406,57 +329,79 @@ def _step(
         loss_sum += loss.item() * len(logits)
         correct += int((logits.argmax(-1) == hard[part]).sum())
     if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     optimizer.step()
-    if ema is not None:
-        params = distributed.local(model.parameters())
-        torch._foreach_lerp_(distributed.local(ema), params, 1.0 - cfg.ema_decay)
+    if run.ema is not None:
+        params = distributed.local(run.model.parameters())
+        torch._foreach_lerp_(distributed.local(run.ema), params, 1.0 - cfg.ema_decay)
     return loss_sum, correct
 
 
-def _whole(
-    model: ViT, plain: ViT, ema: list[torch.Tensor] | None, sharded: bool, world: World
-) -> tuple[ViT, list[torch.Tensor] | None]:
+def _end_epoch(run: Run) -> None:
+    """Rank 0 evaluates (the EMA weights if kept), logs, and saves the model and the best one
+    so far; every process learns the accuracies."""
+    model, ema = _whole(run)
+    if run.world.main:
+        images, correct, loss = run.sums
+        metrics = {
+            "epoch": run.step / run.steps_per_epoch,
+            "step": run.step,
+            "lr": run.lr,
+            "train_loss": loss / max(images, 1),
+            "train_acc": correct / max(images, 1),
+            "images_per_second": run.seen / (time.perf_counter() - run.epoch_start),
+            "elapsed_s": time.perf_counter() - run.start,
+        }
+        with _weights(model, ema):
+            with run.autocast:
+                report = evaluate(model, run.val_ds, progress=False)
+            save_model(model, run.run_dir)
+            if run.best is None or report.top1 > run.best:
+                run.best = report.top1
+                save_model(model, run.run_dir / BEST_DIR)
+        run.val_acc = report.top1
+        _log(run, metrics | {"val_loss": report.loss, "val_acc": report.top1})
+    run.val_acc, run.best = run.world.broadcast((run.val_acc, run.best))
+
+
+def _whole(run: Run) -> tuple[ViT, list[torch.Tensor] | None]:
     """The model that rank 0 evaluates and saves, and the EMA weights to swap into it. Sharded,
     every process helps gather the weights (the EMA's, if kept) into rank 0's plain copy."""
-    if not sharded:
-        return model, ema
-    with _weights(model, ema):
-        weights = distributed.full_state_dict(model)
-        if world.main:  # copied now: with one process on the CPU, the tensors are the model's
-            plain.load_state_dict(weights)
-    return plain, None
+    if not run.cfg.shard:
+        return run.model, run.ema
+    with _weights(run.model, run.ema):
+        weights = distributed.full_state_dict(run.model)
+        if run.world.main:  # copied now: with one process on the CPU, the tensors are the model's
+            run.plain.load_state_dict(weights)
+    return run.plain, None
 
 
-def _end_epoch(
-    run_dir: Path,
-    model: ViT,
-    ema: list[torch.Tensor] | None,
-    val_ds: ImageDataset,
-    autocast: torch.autocast,
-    best: float | None,
-    history: list[dict[str, Any]],
-    metrics: dict[str, Any],
-    progress: bool,
-    plot: bool,
-) -> tuple[float, float]:
-    """Evaluate (the EMA weights if kept), log into `history`, save the model and the best one
-    so far."""
-    with _weights(model, ema):
-        with autocast:
-            report = evaluate(model, val_ds, progress=False)
-        metrics |= {"val_loss": report.loss, "val_acc": report.top1}
-        save_model(model, run_dir)
-        if best is None or report.top1 > best:
-            best = report.top1
-            save_model(model, run_dir / "best")
-    history.append(metrics)
-    _write_metrics(run_dir, history)
-    if plot:
-        plot_curves(run_dir / METRICS_FILE, run_dir)
-    if progress:
-        print(f"  val acc {report.top1:.4f}  val loss {report.loss:.4f}  (best {best:.4f})")
-    return report.top1, best
+def _log(run: Run, metrics: dict[str, Any]) -> None:
+    """An epoch's figures into the run's log, its curves and (with progress shown) the console."""
+    run.history.append(metrics)
+    _write_metrics(run.run_dir, run.history)
+    # Curves are redrawn about 20 times a run (and at its end): plotting costs about a second,
+    # which adds up over hundreds of short epochs.
+    epoch = run.step // run.steps_per_epoch
+    if run.step == run.stop_after or epoch % max(1, run.cfg.epochs // 20) == 0:
+        plot_curves(run.run_dir / METRICS_FILE, run.run_dir)
+    if run.progress:
+        acc, loss = metrics["val_acc"], metrics["val_loss"]
+        print(f"  val acc {acc:.4f}  val loss {loss:.4f}  (best {run.best:.4f})")
+
+
+def _save(run: Run) -> None:
+    """The run's state at its current step, for a resume; every process takes part."""
+    meta = {
+        "step": run.step,
+        "best_val_acc": run.best,
+        "epoch_sums": list(run.sums),
+        "train_config": run.cfg.to_dict(),
+        "model_config": run.model.config.to_dict(),
+    }
+    sharded, main = run.cfg.shard, run.world.main
+    checkpoint.save(run.run_dir, run.model, run.optimizer, run.ema, meta, sharded, main)
+    run.last_save = time.perf_counter()
 
 
 @contextlib.contextmanager
@@ -478,7 +423,7 @@ def _weights(model: ViT, ema: list[torch.Tensor] | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[Callable[[], int | None]]:
+def _stop_on_signals() -> Iterator[StopSignal]:
     """Ctrl-C (SIGINT) or SIGTERM (`docker stop`, a cluster taking the machine back) finishes
     the current step, then the loop saves its state and stops; yields which signal came."""
     received: list[int] = []

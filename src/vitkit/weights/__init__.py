@@ -4,7 +4,6 @@ import re
 from functools import partial
 from pathlib import Path
 
-from vitkit.infer.labels import imagenet1k_labels
 from vitkit.model.vit import ViT
 from vitkit.weights.format import (
     CheckpointError,
@@ -14,6 +13,10 @@ from vitkit.weights.format import (
     read_json,
     save_model,
 )
+from vitkit.weights.hf import from_hf
+from vitkit.weights.imagenet import imagenet1k_labels
+from vitkit.weights.npz import from_npz
+from vitkit.weights.timm import from_timm
 
 FORMATS = ("vitkit", "timm", "hf", "npz")
 
@@ -42,10 +45,6 @@ def load_pretrained(src: str | Path, fmt: str | None = None, heads: int | None =
     after the name picks a version. The commit it resolved to is kept in the model's
     `config.source`, so that a saved model names exactly what it came from.
     """
-    from vitkit.weights.hf import from_hf
-    from vitkit.weights.npz import from_npz
-    from vitkit.weights.timm import from_timm
-
     source = None
     if str(src).startswith(("hf:", "timm:")):
         fmt, src, source = download(str(src))

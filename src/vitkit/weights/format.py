@@ -25,11 +25,8 @@ from safetensors.torch import save as save_safetensors
 
 from vitkit.config import MAX_PARAMS, SIZE_LIMITS, ViTConfig
 from vitkit.model.vit import ViT, count_params, state_shapes
+from vitkit.rundir import CALIBRATION_FILE, CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-LABELS_FILE = "labels.json"
-CALIBRATION_FILE = "calibration.safetensors"
 # Names that mean a model shipped inside the package (see `shipped/`).
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped"
 

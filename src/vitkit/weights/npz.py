@@ -8,6 +8,8 @@ split per head; the table below names each tensor and how it is reshaped. Arrays
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +44,56 @@ def from_npz(path: str | Path) -> ViT:
     """A vitkit model with the weights and architecture of a Google .npz checkpoint."""
     path = Path(path)
     with reading(path):
-        return _from_npz(path)
+        arrays = _open(path)
+        config = _config(arrays)
+        state = _state(arrays, config)
+        problems = shape_problems({k: v.shape for k, v in state.items()}, state_shapes(config))
+        if problems:
+            raise CheckpointError(f"{path} does not fit one ViT: " + " | ".join(problems))
+        model = ViT(config)
+        model.load_state_dict(state)
+        return model.eval()
 
 
-def _from_npz(path: Path) -> ViT:
+@dataclass(frozen=True)
+class _Arrays:
+    """A checkpoint's arrays and the naming of the codebase that wrote them."""
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+    prefix: str  # where the model's parameters live within the file
+    big_vision: bool
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.arrays
+
+    def get(self, name: str) -> np.ndarray:
+        """The float array `name` (a CheckpointError naming it if it is missing or not floats)."""
+        key = self.prefix + name
+        if key not in self.arrays:
+            raise CheckpointError(f"{self.path}: missing {key}")
+        array = self.arrays[key]
+        if array.dtype.kind != "f":  # weights only: optimiser state may hold integers
+            raise CheckpointError(f"{self.path}: {key} holds {array.dtype}, not floats")
+        return array
+
+    @property
+    def block_modules(self) -> tuple[int, int, int]:
+        """(attention, MLP, second LayerNorm) sub-module indices inside an encoder block."""
+        return BIG_VISION_BLOCK if self.big_vision else VIT_JAX_BLOCK
+
+    @property
+    def pos_embedding(self) -> str:
+        return "pos_embedding" if self.big_vision else "Transformer/posembed_input/pos_embedding"
+
+    def blocks(self) -> list[int]:
+        """The encoder blocks' indices, as the arrays' names give them."""
+        pattern = rf"{re.escape(self.prefix)}Transformer/encoderblock_(\d+)/"
+        return sorted({int(m.group(1)) for k in self.arrays if (m := re.match(pattern, k))})
+
+
+def _open(path: Path) -> _Arrays:
+    """Every array of the file, and which codebase's names they have."""
     check_unpacked_size(path)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -59,51 +107,34 @@ def _from_npz(path: Path) -> ViT:
         if prefix + unsupported in w:
             raise CheckpointError(f"{path}: {unsupported.split('/')[0]} is not supported")
     big_vision = prefix == "params/" or f"{prefix}pos_embedding" in w
-    mha, mlp, ln2 = BIG_VISION_BLOCK if big_vision else VIT_JAX_BLOCK
-    pos_key = (
-        f"{prefix}pos_embedding"
-        if big_vision
-        else (f"{prefix}Transformer/posembed_input/pos_embedding")
-    )
+    return _Arrays(path, w, prefix, big_vision)
 
-    def get(name: str) -> np.ndarray:
-        if prefix + name not in w:
-            raise CheckpointError(f"{path}: missing {prefix + name}")
-        array = w[prefix + name]
-        if array.dtype.kind != "f":  # weights only: optimiser state may hold integers
-            raise CheckpointError(f"{path}: {prefix + name} holds {array.dtype}, not floats")
-        return array
 
-    kernel = get("embedding/kernel")  # (p, p, C, D)
-    patch, _, channels, width = kernel.shape
-    resnet = _resnet_config(w, prefix)
+def _config(w: _Arrays) -> ViTConfig:
+    """The architecture, read from the arrays' names and shapes."""
+    patch, _, channels, width = w.get("embedding/kernel").shape  # (p, p, C, D)
+    resnet = _resnet_config(w.arrays, w.prefix)
     if resnet:
-        channels = w[f"{prefix}conv_root/kernel"].shape[2]
-    blocks = sorted(
-        {
-            int(m.group(1))
-            for k in w
-            if (m := re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k))
-        }
-    )
-    attn = f"Transformer/encoderblock_0/MultiHeadDotProductAttention_{mha}"
-    heads = get(f"{attn}/query/kernel").shape[1]
-    class_token = f"{prefix}cls" in w
-    positions = get(pos_key.removeprefix(prefix)).reshape(-1, width).shape[0]
+        channels = w.arrays[f"{w.prefix}conv_root/kernel"].shape[2]
+    mha, mlp, _ = w.block_modules
+    # (D, heads, head_dim)
+    query = w.get(f"Transformer/encoderblock_0/MultiHeadDotProductAttention_{mha}/query/kernel")
+    class_token = w.has("cls")
+    positions = w.get(w.pos_embedding).reshape(-1, width).shape[0]
     grid = grid_of(positions - 1) if class_token else grid_of(positions)
     if grid is None:
-        raise CheckpointError(f"{path}: {positions} position embeddings are not a square grid")
-    head = f"{prefix}head/kernel" in w
+        raise CheckpointError(f"{w.path}: {positions} position embeddings are not a square grid")
+    hidden = w.get(f"Transformer/encoderblock_0/MlpBlock_{mlp}/Dense_0/kernel").shape[1]
     stride = patch * resnet_stride(resnet.get("resnet_layers"), resnet.get("resnet_stem", ""))
-    config = ViTConfig(
+    return ViTConfig(
         image_size=grid * stride,
         patch_size=patch,
         in_channels=channels,
-        num_classes=w[f"{prefix}head/kernel"].shape[1] if head else 0,
+        num_classes=w.arrays[f"{w.prefix}head/kernel"].shape[1] if w.has("head/kernel") else 0,
         width=width,
-        depth=len(blocks),
-        heads=heads,
-        mlp_ratio=get(f"Transformer/encoderblock_0/MlpBlock_{mlp}/Dense_0/kernel").shape[1] / width,
+        depth=len(w.blocks()),
+        heads=query.shape[1],
+        mlp_ratio=hidden / width,
         pool="cls" if class_token else "mean",
         class_token=class_token,
         mean=(0.5,) * channels,  # Google's checkpoints take inputs scaled to [-1, 1]
@@ -112,57 +143,59 @@ def _from_npz(path: Path) -> ViT:
         **resnet,
     )
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def _state(w: _Arrays, config: ViTConfig) -> dict[str, torch.Tensor]:
+    """vitkit's state dict from the arrays: JAX layouts transposed to PyTorch's."""
+    width = config.width
     state = {
-        "patch_embed.proj.weight": t(kernel.transpose(3, 2, 0, 1)),
-        "patch_embed.proj.bias": t(get("embedding/bias")),
-        "pos_embed": t(get(pos_key.removeprefix(prefix)).reshape(1, -1, width)),
-        "norm.weight": t(get("Transformer/encoder_norm/scale")),
-        "norm.bias": t(get("Transformer/encoder_norm/bias")),
+        "patch_embed.proj.weight": _tensor(w.get("embedding/kernel").transpose(3, 2, 0, 1)),
+        "patch_embed.proj.bias": _tensor(w.get("embedding/bias")),
+        "pos_embed": _tensor(w.get(w.pos_embedding).reshape(1, -1, width)),
+        "norm.weight": _tensor(w.get("Transformer/encoder_norm/scale")),
+        "norm.bias": _tensor(w.get("Transformer/encoder_norm/bias")),
     }
-    if class_token:
-        state["cls_token"] = t(get("cls").reshape(1, 1, width))
-    if head:
-        state["head.weight"] = t(get("head/kernel").T)
-        state["head.bias"] = t(get("head/bias"))
-    for i in blocks:
-        b, ours = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
-        a = f"{b}MultiHeadDotProductAttention_{mha}/"
-        state |= {
-            ours + "norm1.weight": t(get(f"{b}LayerNorm_0/scale")),
-            ours + "norm1.bias": t(get(f"{b}LayerNorm_0/bias")),
-            # query/key/value kernels are (D, heads, head_dim): (D, D).T each, stacked.
-            ours + "attn.qkv.weight": t(
-                np.concatenate(
-                    [
-                        get(f"{a}{n}/kernel").reshape(width, width).T
-                        for n in ("query", "key", "value")
-                    ]
-                )
-            ),
-            ours + "attn.qkv.bias": t(
-                np.concatenate([get(f"{a}{n}/bias").reshape(-1) for n in ("query", "key", "value")])
-            ),
-            # out kernel is (heads, head_dim, D).
-            ours + "attn.proj.weight": t(get(f"{a}out/kernel").reshape(width, width).T),
-            ours + "attn.proj.bias": t(get(f"{a}out/bias")),
-            ours + "norm2.weight": t(get(f"{b}LayerNorm_{ln2}/scale")),
-            ours + "norm2.bias": t(get(f"{b}LayerNorm_{ln2}/bias")),
-            ours + "mlp.fc1.weight": t(get(f"{b}MlpBlock_{mlp}/Dense_0/kernel").T),
-            ours + "mlp.fc1.bias": t(get(f"{b}MlpBlock_{mlp}/Dense_0/bias")),
-            ours + "mlp.fc2.weight": t(get(f"{b}MlpBlock_{mlp}/Dense_1/kernel").T),
-            ours + "mlp.fc2.bias": t(get(f"{b}MlpBlock_{mlp}/Dense_1/bias")),
-        }
-    if resnet:
-        state |= _resnet_state(get, resnet["resnet_layers"])
-    problems = shape_problems({k: v.shape for k, v in state.items()}, state_shapes(config))
-    if problems:
-        raise CheckpointError(f"{path} does not fit one ViT: " + " | ".join(problems))
-    model = ViT(config)
-    model.load_state_dict(state)
-    return model.eval()
+    if config.class_token:
+        state["cls_token"] = _tensor(w.get("cls").reshape(1, 1, width))
+    if w.has("head/kernel"):
+        state["head.weight"] = _tensor(w.get("head/kernel").T)
+        state["head.bias"] = _tensor(w.get("head/bias"))
+    for i in w.blocks():
+        state |= _block_state(w, i, width)
+    if config.resnet_layers is not None:
+        state |= _resnet_state(w.get, config.resnet_layers)
+    return state
+
+
+def _block_state(w: _Arrays, i: int, width: int) -> dict[str, torch.Tensor]:
+    """Encoder block `i`'s tensors, named as vitkit names them."""
+    mha, mlp, ln2 = w.block_modules
+    b, ours = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+    a = f"{b}MultiHeadDotProductAttention_{mha}/"
+    qkv = ("query", "key", "value")
+    return {
+        ours + "norm1.weight": _tensor(w.get(f"{b}LayerNorm_0/scale")),
+        ours + "norm1.bias": _tensor(w.get(f"{b}LayerNorm_0/bias")),
+        # query/key/value kernels are (D, heads, head_dim): (D, D).T each, stacked.
+        ours + "attn.qkv.weight": _tensor(
+            np.concatenate([w.get(f"{a}{n}/kernel").reshape(width, width).T for n in qkv])
+        ),
+        ours + "attn.qkv.bias": _tensor(
+            np.concatenate([w.get(f"{a}{n}/bias").reshape(-1) for n in qkv])
+        ),
+        # out kernel is (heads, head_dim, D).
+        ours + "attn.proj.weight": _tensor(w.get(f"{a}out/kernel").reshape(width, width).T),
+        ours + "attn.proj.bias": _tensor(w.get(f"{a}out/bias")),
+        ours + "norm2.weight": _tensor(w.get(f"{b}LayerNorm_{ln2}/scale")),
+        ours + "norm2.bias": _tensor(w.get(f"{b}LayerNorm_{ln2}/bias")),
+        ours + "mlp.fc1.weight": _tensor(w.get(f"{b}MlpBlock_{mlp}/Dense_0/kernel").T),
+        ours + "mlp.fc1.bias": _tensor(w.get(f"{b}MlpBlock_{mlp}/Dense_0/bias")),
+        ours + "mlp.fc2.weight": _tensor(w.get(f"{b}MlpBlock_{mlp}/Dense_1/kernel").T),
+        ours + "mlp.fc2.bias": _tensor(w.get(f"{b}MlpBlock_{mlp}/Dense_1/bias")),
+    }
 
 
 def _resnet_config(w: dict[str, np.ndarray], prefix: str) -> dict:
@@ -181,21 +214,19 @@ def _resnet_config(w: dict[str, np.ndarray], prefix: str) -> dict:
     }
 
 
-def _resnet_state(get, layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _resnet_state(
+    get: Callable[[str], np.ndarray], layers: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
     """The ResNet's weights: HWIO kernels to OIHW, GroupNorm scale/bias to weight/bias."""
 
     def convert(jax: str, ours: str) -> dict[str, torch.Tensor]:
-        out = {}
+        ours = f"patch_embed.backbone.{ours}"
         if jax.rsplit("/", 1)[-1].startswith("conv"):
-            kernel = get(f"{jax}/kernel").transpose(3, 2, 0, 1)
-            out[f"patch_embed.backbone.{ours}.weight"] = torch.from_numpy(
-                np.ascontiguousarray(kernel, dtype=np.float32)
-            )
-        else:
-            for jax_name, part in (("scale", "weight"), ("bias", "bias")):
-                value = get(f"{jax}/{jax_name}").reshape(-1).astype(np.float32)
-                out[f"patch_embed.backbone.{ours}.{part}"] = torch.from_numpy(value)
-        return out
+            return {f"{ours}.weight": _tensor(get(f"{jax}/kernel").transpose(3, 2, 0, 1))}
+        return {
+            f"{ours}.weight": _tensor(get(f"{jax}/scale").reshape(-1)),
+            f"{ours}.bias": _tensor(get(f"{jax}/bias").reshape(-1)),
+        }
 
     state: dict[str, torch.Tensor] = {}
     for jax, ours in RESNET_STEM.items():

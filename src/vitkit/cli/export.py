@@ -1,24 +1,24 @@
-"""The `vitkit export` subcommand: a model directory as an ONNX file, checked on real images."""
+"""`vitkit export`: a model directory as an ONNX file, checked on real images."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from vitkit.cli.common import default_out, fail, note, trained_val_fraction, training_settings
 from vitkit.config import ViTConfig
-from vitkit.data.folder import load_image
-from vitkit.infer.commands import trained_val_fraction
-from vitkit.infer.predict import expand_inputs, preprocess
-from vitkit.weights.format import SHIPPED_DIR, CheckpointError, load_model, resolve_model_dir
+from vitkit.data import load_dataset
+from vitkit.data.preprocess import load_image, preprocess
+from vitkit.infer.predict import expand_inputs
+from vitkit.rundir import TRAIN_CONFIG_FILE
+from vitkit.weights.format import CheckpointError, load_model, resolve_model_dir
 
 if TYPE_CHECKING:
-    from vitkit.infer.export import Parity
+    from vitkit.export.onnx import Parity
 
 # The exported fp32 file must give the PyTorch logits to within this (absolute); float32
 # kernels that only sum in another order stay around 1e-5.
@@ -37,7 +37,7 @@ def add_export_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--out",
         type=Path,
         metavar="FILE",
-        help="default: MODEL_DIR/model.onnx, or ./NAME.onnx if the model directory is "
+        help="default: MODEL_DIR/model.onnx, or ./MODEL.onnx if the model directory is "
         "read-only or shipped",
     )
     p.add_argument(
@@ -62,17 +62,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         return _export(args)
     except (CheckpointError, ValueError, OSError) as e:  # DatasetError is a ValueError
-        print(f"vitkit export: error: {e}", file=sys.stderr)
-        return 2
+        return fail("export", str(e))
 
 
 def _export(args: argparse.Namespace) -> int:
-    # onnx and onnxruntime take a while to import; only this command needs them.
-    from vitkit.infer.export import check_onnx, export_onnx, quantize_int8
+    # Heavy (onnx and its runtime load in about a second): imported when this command runs.
+    from vitkit.export.onnx import check_onnx, export_onnx, quantize_onnx_int8
 
     directory = resolve_model_dir(args.model)
     model = load_model(directory)
-    out = args.out or _default_out(directory)
+    out = args.out or default_out(directory, "onnx")
     int8_out = out.with_name(f"{out.name.removesuffix('.onnx')}.int8.onnx")
     for path in (out, int8_out) if args.int8 else (out,):
         _check_writable(path)
@@ -87,28 +86,20 @@ def _export(args: argparse.Namespace) -> int:
         parity = check_onnx(model, out, x)
         _print_parity("ONNX fp32", parity, source)
     if args.int8:
-        quantize_int8(out, int8_out)
+        quantize_onnx_int8(out, int8_out)
         print(f"wrote {int8_out} ({_size(int8_out)}, int8 weights, dynamic int8 activations)")
         if x is not None:
             _print_parity("ONNX int8", check_onnx(model, int8_out, x), source)
     if parity is None:
-        print(f"vitkit export: not checked: {source}; pass --check IMAGE_OR_DIR", file=sys.stderr)
+        note("export", f"not checked: {source}; pass --check IMAGE_OR_DIR")
     elif parity.max_abs_diff > PARITY_TOLERANCE:
-        print(
-            f"vitkit export: error: {out} differs from the PyTorch model by "
-            f"{parity.max_abs_diff:.2e} (tolerance {PARITY_TOLERANCE:.0e})",
-            file=sys.stderr,
+        return fail(
+            "export",
+            f"{out} differs from the PyTorch model by {parity.max_abs_diff:.2e} "
+            f"(tolerance {PARITY_TOLERANCE:.0e})",
+            1,
         )
-        return 1
     return 0
-
-
-def _default_out(model_dir: Path) -> Path:
-    """MODEL_DIR/model.onnx, unless that would write into the package or a read-only folder."""
-    shipped = model_dir.resolve().is_relative_to(SHIPPED_DIR)
-    if not shipped and os.access(model_dir, os.W_OK):
-        return model_dir / "model.onnx"
-    return Path(f"{model_dir.name}.onnx")
 
 
 def _check_writable(path: Path) -> None:
@@ -134,13 +125,9 @@ def _check_inputs(
             [load_image(f, c.in_channels, c.image_size, c.interpolation) for f in files]
         )
         return preprocess(images, c), f"{len(files)} given image(s)"
-    from vitkit.data import load_dataset
-    from vitkit.train.loop import TRAIN_CONFIG_FILE
-
-    try:
-        train = json.loads((model_dir / TRAIN_CONFIG_FILE).read_text())
-        spec, data_dir = train["data"], train.get("data_dir")
-    except (OSError, ValueError, KeyError, TypeError):
+    settings = training_settings(model_dir)
+    spec, data_dir = settings.get("data"), settings.get("data_dir")
+    if not isinstance(spec, str) or not isinstance(data_dir, str | None):
         return None, f"no {TRAIN_CONFIG_FILE} in {model_dir} naming its training data"
     try:
         # "val" is the held-out split of every kind of dataset (named ones map it to "test").

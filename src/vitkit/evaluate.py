@@ -12,14 +12,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vitkit.data import ImageDataset
-from vitkit.infer.optimize import OptimizedViT, input_spec
-from vitkit.infer.predict import preprocess
+from vitkit.data.dataset import ImageDataset
+from vitkit.data.preprocess import preprocess
 from vitkit.model.vit import ViT
+from vitkit.plots import plot_confusion
+from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
 from vitkit.weights.format import atomic_write
-
-REPORT_FILE = "eval.json"
-CONFUSION_FILE = "confusion.png"
 
 
 @dataclass
@@ -44,7 +42,7 @@ class EvalReport:
 
 @torch.no_grad()
 def evaluate(
-    model: ViT | OptimizedViT,
+    model: ViT | torch.nn.Module,
     dataset: ImageDataset,
     batch_size: int = 256,
     progress: bool = True,
@@ -54,19 +52,10 @@ def evaluate(
     Images are resized and their channels matched to the model's as needed. A model whose
     labels are the dataset's classes in another order is scored by name, not by index.
     """
+    _check(model, dataset, batch_size)
     n = model.config.num_classes
-    if len(dataset) == 0:
-        raise ValueError(f"dataset {dataset.name!r} has no images")
-    if len(dataset.classes) != n:
-        raise ValueError(
-            f"dataset {dataset.name!r} has {len(dataset.classes)} classes, the model {n}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if dataset.labels.min() < 0 or dataset.labels.max() >= n:
-        raise ValueError(f"dataset {dataset.name!r} has labels outside 0..{n - 1}")
     order = class_order(model.labels, dataset.classes)
-    device, dtype = input_spec(model)
+    device, dtype = model.input_spec()
     k = min(5, n)
     correct1 = torch.zeros((), dtype=torch.long, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)
@@ -118,6 +107,21 @@ def evaluate(
     )
 
 
+def _check(model: torch.nn.Module, dataset: ImageDataset, batch_size: int) -> None:
+    """Refuse a dataset the model cannot be scored on, saying why."""
+    n = model.config.num_classes
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} has no images")
+    if len(dataset.classes) != n:
+        raise ValueError(
+            f"dataset {dataset.name!r} has {len(dataset.classes)} classes, the model {n}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if dataset.labels.min() < 0 or dataset.labels.max() >= n:
+        raise ValueError(f"dataset {dataset.name!r} has labels outside 0..{n - 1}")
+
+
 def class_order(labels: list[str] | None, classes: list[str]) -> list[int] | None:
     """Model output columns in dataset class order, where both name the same classes
     differently ordered (a folder dataset sorts its classes; a model keeps its own order)."""
@@ -130,7 +134,6 @@ def class_order(labels: list[str] | None, classes: list[str]) -> list[int] | Non
 
 def save_report(report: EvalReport, out_dir: str | Path, classes: list[str]) -> Path:
     """Write `eval.json` and `confusion.png` to `out_dir`; returns `out_dir`."""
-    from vitkit.plots import plot_confusion  # matplotlib is slow to import; only needed here
 
     out_dir = Path(out_dir)
     atomic_write(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=2) + "\n")

@@ -1,12 +1,12 @@
-"""The `vitkit serve` subcommand: the HTTP service and web page, run by uvicorn."""
+"""`vitkit serve`: the HTTP service and web page, run by uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import socket
-import sys
 
-from vitkit.infer.commands import add_precision_argument
+from vitkit.cli.common import add_precision_argument, fail, note
+from vitkit.infer.optimize import int8_batch_sizes
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,9 +35,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Heavy (FastAPI and uvicorn load in about a second): imported when this command runs.
     import uvicorn
 
-    from vitkit.infer.optimize import int8_batch_sizes
     from vitkit.serve.app import create_app
 
     app = create_app(
@@ -52,23 +52,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fast = app.state.service.batcher.model
     if fast.precision == "int8":  # compile every batch size now, not in the first requests
         sizes = int8_batch_sizes(args.max_batch)
-        print(f"vitkit serve: compiling int8 for batches of {sizes}...", file=sys.stderr)
+        note("serve", f"compiling int8 for batches of {sizes}...")
         seconds = sum(fast.warm_up(n) for n in sizes)
-        print(f"vitkit serve: compiled in {seconds:.0f} s", file=sys.stderr)
-    # Binding here, not in uvicorn, lets --port 0 report the port the system chose.
+        note("serve", f"compiled in {seconds:.0f} s")
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            args.host, args.port, type=socket.SOCK_STREAM
-        )[0]
-        # With proto IPPROTO_TCP (not 0), asyncio sets TCP_NODELAY on each connection; without
-        # it, a response's header and body writes meet delayed ACKs and take 40 ms more.
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        sock = _listen(args.host, args.port)
     except OSError as e:
-        where = f"{args.host}:{args.port}"
-        print(f"vitkit serve: error: cannot listen on {where}: {e}", file=sys.stderr)
-        return 2
+        return fail("serve", f"cannot listen on {args.host}:{args.port}: {e}")
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -79,3 +69,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to HOST:PORT. Binding here, not in uvicorn, lets --port 0 report the
+    port the system chose."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    # With proto IPPROTO_TCP (not 0), asyncio sets TCP_NODELAY on each connection; without
+    # it, a response's header and body writes meet delayed ACKs and take 40 ms more.
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock

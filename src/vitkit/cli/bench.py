@@ -1,0 +1,101 @@
+"""`vitkit bench`: speed against timm and Hugging Face, in one process, as ratios (the
+measuring is in `vitkit.benchmark`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from vitkit.benchmark import (
+    TIMM_NAMES,
+    TRAIN_BATCH,
+    Result,
+    bench_inference,
+    bench_training,
+    matmul_peak,
+    missing_peers,
+    report,
+)
+from vitkit.cli.common import fail
+from vitkit.runtime import fast_precisions
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="speed against timm and Hugging Face, in one process, as ratios"
+    )
+    p.add_argument("--models", nargs="+", default=list(TIMM_NAMES), help="presets for inference")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 32], help="inference batches")
+    p.add_argument(
+        "--train",
+        nargs="*",
+        default=None,
+        metavar="PRESET",
+        help=f"also time training steps (default presets: {', '.join(TRAIN_BATCH)})",
+    )
+    p.add_argument(
+        "--train-batch", type=int, metavar="N", help="training batch (default: per preset)"
+    )
+    p.add_argument("--no-infer", action="store_true", help="training only")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU here")
+    missing = missing_peers()
+    if missing:  # checked before the minutes of measuring that would end in a bare table
+        return fail(
+            "bench",
+            f"{', '.join(missing)} not installed; the peers it compares with come with "
+            "pip install 'vitkit[bench]'",
+        )
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
+    peaks = {
+        "fp32": matmul_peak(torch.float32, device),
+        "bf16": matmul_peak(torch.bfloat16, device),
+    }
+    print(
+        f"{where}; matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
+        f"bf16 {peaks['bf16']:.3f} TFLOP/s; fast modes here: "
+        f"{', '.join(fast_precisions(device)) or 'none'}",
+        flush=True,
+    )
+    results: list[Result] = []
+    if not args.no_infer:
+        for preset in args.models:
+            for batch in args.batch:
+                print(f"inference {preset} batch {batch}...", flush=True)
+                with _quiet():
+                    results += bench_inference(preset, batch, args.rounds, device)
+    train = list(TRAIN_BATCH) if args.train == [] else args.train or []
+    for preset in train:
+        print(f"training {preset}...", flush=True)
+        with _quiet():
+            results += bench_training(preset, args.rounds, device, args.train_batch)
+    print(report(results, peaks))
+    if args.json:
+        payload = {"machine": where, "peaks": peaks, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Compilers' and converters' warnings are not results."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -1,0 +1,89 @@
+"""`vitkit eval`: accuracy, per-class accuracy and the confusion matrix on a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vitkit import data
+from vitkit.cli.common import add_precision_argument, default_out, note, trained_val_fraction
+from vitkit.evaluate import EvalReport, evaluate, save_report
+from vitkit.infer.optimize import optimize
+from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
+from vitkit.weights.format import load_model, resolve_model_dir
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="accuracy, per-class accuracy and confusion matrix on a dataset"
+    )
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory or shipped model name")
+    p.add_argument("--data", required=True, metavar="SPEC", help="dataset to evaluate on")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="where datasets are kept")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="train or test (default); val, or test, is the held-out part of an image folder",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="the held-out fraction of an image folder without val/ (default: the one the "
+        "model's run trained with, else 0.1)",
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=f"for {REPORT_FILE} and {CONFUSION_FILE} (default: MODEL_DIR/eval, or ./MODEL.eval "
+        "if the model directory is read-only or shipped)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_precision_argument(p, "fp32")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    directory = resolve_model_dir(args.model)
+    model = load_model(directory).to(args.device)
+    c = model.config
+    dataset = data.load_dataset(
+        args.data,
+        split=args.split,
+        data_dir=args.data_dir,
+        image_size=c.image_size,
+        channels=c.in_channels,
+        val_fraction=(
+            trained_val_fraction(directory) if args.val_fraction is None else args.val_fraction
+        ),
+    )
+    if dataset.skipped:
+        path, reason = dataset.skipped[0]
+        note("eval", f"skipped {len(dataset.skipped)} unreadable file(s), first {path}: {reason}")
+    fast = optimize(model, args.precision)
+    report = evaluate(fast, dataset, batch_size=args.batch_size)
+    out = save_report(report, args.out or default_out(directory, "eval"), dataset.classes)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report, f"{dataset.name or args.data} {args.split}, {fast.precision}")
+        print(f"wrote {out / REPORT_FILE} and {out / CONFUSION_FILE}")
+    return 0
+
+
+def _print_report(report: EvalReport, title: str) -> None:
+    print(
+        f"{title}: {report.num_images:,} images, top-1 {report.top1:.2%}, "
+        f"top-5 {report.top5:.2%}, loss {report.loss:.4f}, "
+        f"{report.images_per_second:,.0f} images/s"
+    )
+    width = max(5, *(len(c) for c in report.per_class))
+    print(f"{'class':<{width}}  {'images':>8}  {'accuracy':>8}")
+    for (name, accuracy), row in zip(report.per_class.items(), report.confusion, strict=True):
+        shown = "-" if accuracy is None else f"{accuracy:.2%}"
+        print(f"{name:<{width}}  {sum(row):>8,}  {shown:>8}")

@@ -1,0 +1,33 @@
+"""`vitkit models`: the presets, with their parameter counts and GFLOPs."""
+
+from __future__ import annotations
+
+import argparse
+
+from vitkit.config import PRESETS
+from vitkit.model import count_params, flops
+
+
+def add_models_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("models", help="list presets with parameter counts and GFLOPs")
+    p.add_argument("--num-classes", type=int, help="head size to count with (default: preset's)")
+    p.set_defaults(func=cmd_models)
+    return p
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    print(
+        f"{'preset':<12} {'image':>5} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} "
+        f"{'params':>13} {'GFLOPs':>8}"
+    )
+    for name, cfg in PRESETS.items():
+        if args.num_classes is not None:
+            cfg = cfg.replace(num_classes=args.num_classes)
+        params = count_params(cfg)  # counted on a model built without memory
+        print(
+            f"{name:<12} {cfg.image_size:>5} {cfg.token_stride:>5} {cfg.width:>5} "
+            f"{cfg.depth:>5} {cfg.heads:>5} {params:>13,} {flops(cfg) / 1e9:>8.2f}"
+        )
+    print("patch: image pixels per token side (hybrids: the CNN's stride x the patch size)")
+    print("GFLOPs: one forward pass of one image, a multiply-add counted as 2.")
+    return 0

@@ -1,0 +1,140 @@
+"""`vitkit train` (from scratch) and `vitkit finetune` (from pretrained weights)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from vitkit.cli.common import config_overrides, fail
+from vitkit.config import PRESETS
+from vitkit.train import TrainConfig, load_recipe, train
+from vitkit.train.distributed import LostProcessError, launched_size, rank
+
+# TrainConfig fields that a flag of the same name sets.
+TRAIN_SETTINGS = (
+    "data",
+    "data_dir",
+    "val_fraction",
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "max_steps",
+    "seed",
+    "precision",
+    "compile",
+    "ema_decay",
+    "weight_decay",
+    "warmup_epochs",
+    "num_classes",
+    "layer_decay",
+    "grad_accum",
+    "shard",
+    "save_every",
+)
+
+
+def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a ViT from scratch")
+    p.add_argument("--recipe", type=Path, help="a TOML recipe (see recipes/); flags override it")
+    p.add_argument(
+        "--model",
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help="default: a preset suited to the image size",
+    )
+    _add_training_flags(p)
+
+    p = subparsers.add_parser("finetune", help="fine-tune a pretrained ViT on new data")
+    p.add_argument(
+        "pretrained",
+        metavar="PRETRAINED",
+        help="model dir or name, timm weights file, Hugging Face dir or Google .npz",
+    )
+    p.add_argument("--num-classes", type=int, help="a new, zero-initialised head of this size")
+    p.add_argument("--image-size", type=int, help="fine-tune at this resolution")
+    p.add_argument("--linear-probe", action="store_true", help="train the head only")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75")
+    p.add_argument("--recipe", type=Path, help="a TOML recipe; flags override it")
+    _add_training_flags(p)
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="fashion-mnist, mnist, digits, or an image folder")
+    p.add_argument("--data-dir", help="where the dataset's files are (default: searched)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="held out of each class of an image folder without val/ (default: 0.1)",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per step, over all processes")
+    p.add_argument(
+        "--grad-accum", type=int, metavar="K", help="K micro-batches a step in each process"
+    )
+    p.add_argument(
+        "--shard", action="store_true", default=None, help="FSDP2 over the processes (torchrun)"
+    )
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model (single process; pays for large models, see BENCHMARKS)",
+    )
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of weights (e.g. 0.999)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a ViTConfig override")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument(
+        "--save-every",
+        type=float,
+        metavar="MINUTES",
+        help="save the training state this often within an epoch (default: 5; and at every "
+        "epoch's end, on Ctrl-C and on SIGTERM)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        cfg, out, resume = TrainConfig(max_steps=args.max_steps), args.resume, True
+    else:
+        cfg, out, resume = _config(args), args.out, False
+        if out is None and launched_size() > 1:  # each process would stamp its own time
+            raise ValueError("several processes train one run: name its directory with --out")
+        out = out or Path("runs") / f"{Path(cfg.data).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = train(cfg, out, resume=resume, progress=not args.quiet)
+    except LostProcessError as e:
+        return fail(args.command, str(e), 1)
+    if rank() == 0:
+        acc = f"{result.val_acc:.4f}" if result.val_acc is not None else "n/a"
+        print(
+            f"{result.run_dir}: step {result.step}/{result.total_steps}, held-out accuracy "
+            f"{acc}, {result.seconds / 60:.1f} min"
+        )
+    if result.stop_signal is not None:  # the shell's convention: 128 + the signal's number
+        return 128 + result.stop_signal
+    return 0
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The recipe's settings, if any, with the flags given on top."""
+    settings = load_recipe(args.recipe).config.to_dict() if args.recipe else {}
+    if args.command == "finetune":
+        settings |= {"init": args.pretrained, "linear_probe": args.linear_probe}
+    for flag in TRAIN_SETTINGS:
+        if getattr(args, flag, None) is not None:
+            settings[flag] = getattr(args, flag)
+    overrides = config_overrides(args, ("image_size",) if args.command == "finetune" else ())
+    settings["model_overrides"] = settings.get("model_overrides", {}) | overrides
+    return TrainConfig.from_dict(settings)

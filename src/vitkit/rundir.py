@@ -1,0 +1,42 @@
+"""The names of the files in a model directory and in a training run's directory (a run
+directory is a model directory with its training beside it). Every module that reads or writes
+these files takes the names from here.
+
+    config.json  model.safetensors  labels.json  calibration.safetensors    the model
+    train.json   metrics.jsonl      loss.png     accuracy.png               the run
+    best/                                          the best model so far (a model directory)
+    checkpoints/ last.json  step-<N>/ (state.json + safetensors)  step-<N>.partial/
+    eval/        eval.json  confusion.png          written by `vitkit eval`
+    model.onnx                                     written by `vitkit export`
+"""
+
+# -- a model ---------------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+LABELS_FILE = "labels.json"
+# Sample training images that int8 inference calibrates on.
+CALIBRATION_FILE = "calibration.safetensors"
+
+# -- a training run ----------------------------------------------------------------------
+TRAIN_CONFIG_FILE = "train.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+ACCURACY_PLOT = "accuracy.png"
+BEST_DIR = "best"
+
+# -- its training state (see train/checkpoint.py) -----------------------------------------
+CHECKPOINTS = "checkpoints"
+POINTER_FILE = "last.json"
+STATE_JSON = "state.json"
+STATE_PREFIX = "step-"
+PARTIAL_SUFFIX = ".partial"
+# Earlier vitkit versions kept a pickle here; it is never loaded.
+LEGACY_STATE_FILE = "last.pt"
+
+# -- an export --------------------------------------------------------------------------
+ONNX_FILE = "model.onnx"
+
+# -- an evaluation -----------------------------------------------------------------------
+EVAL_DIR = "eval"
+REPORT_FILE = "eval.json"
+CONFUSION_FILE = "confusion.png"

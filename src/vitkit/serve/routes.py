@@ -1,0 +1,208 @@
+"""The endpoints: classify and explain an upload, describe the model, report batching, serve
+the page. Each reads the `Service` the app keeps in `app.state.service`.
+
+Images are decoded and preprocessed per request, in a small thread pool, before they are
+queued for the batcher; explanations run on the model's thread, between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import torch
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+
+from vitkit.data.preprocess import preprocess
+from vitkit.infer.explain import METHODS, explain_image
+from vitkit.model.vit import ViT
+from vitkit.serve.batcher import Labels, MicroBatcher
+from vitkit.serve.decode import ApiError, decode_image, parse_top_k, read_upload
+from vitkit.serve.schemas import (
+    DEFAULT_TOP_K,
+    ERRORS,
+    EXPLAIN_BODY,
+    EXPLAIN_RESPONSES,
+    PREDICT_BODY,
+    PredictOut,
+    label_rows,
+)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Decoding threads bound how many uploads are held decoded in memory at once.
+_DECODE_WORKERS = min(4, os.cpu_count() or 1)
+
+T = TypeVar("T")
+
+
+class Service:
+    """One model behind the endpoints: its batcher, its decoding threads, its limits.
+
+    `model` is the fp32 model, for explanations; `batcher.model` the one that predicts.
+    `info` is the body of /v1/model.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: ViT,
+        batcher: MicroBatcher,
+        max_upload_bytes: int,
+        max_pixels: int,
+        info: dict[str, Any],
+    ) -> None:
+        self.name, self.model, self.batcher, self.info = name, model, batcher, info
+        self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
+        self._decoder: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._decoder = ThreadPoolExecutor(_DECODE_WORKERS, thread_name_prefix="vitkit-decode")
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    async def decode(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a decoding thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+
+    def inputs(self, data: bytes) -> torch.Tensor:
+        """Uploaded bytes as the model's normalised (1, C, S, S) input."""
+        config = self.model.config
+        return preprocess(decode_image(data, config, self.max_pixels)[None], config)
+
+    def top_k(self, fields: dict[str, Any], query: int | None) -> int:
+        """`top_k` from the body's fields, else the query, else the default; at most every class."""
+        k = parse_top_k(fields.get("top_k", query or DEFAULT_TOP_K))
+        return min(k, self.model.config.num_classes)
+
+
+router = APIRouter()
+TopK = Annotated[int | None, Query(ge=1, description="how many labels")]
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+@router.post(
+    "/v1/predict",
+    summary="Classify an image",
+    response_model=PredictOut,
+    responses=ERRORS,
+    openapi_extra=PREDICT_BODY,
+)
+async def predict(request: Request, top_k: TopK = None) -> JSONResponse:
+    """The image's most probable labels. Send the image as a multipart upload (field
+    `file`), as JSON `{"image": "<base64>"}`, or as the raw bytes with an image/* type;
+    `top_k` (default 5) may come in the body or the query."""
+    start = time.perf_counter()
+    service = _service(request)
+    with service.batcher.incoming():
+        data, fields = await read_upload(request, service.max_upload_bytes)
+        k = service.top_k(fields, top_k)
+        result = service.batcher.submit(await service.decode(service.inputs, data), k)
+    labels = await result
+    return JSONResponse(
+        {"labels": label_rows(labels), "model": service.name, "latency_ms": _ms_since(start)}
+    )
+
+
+@router.post(
+    "/v1/explain",
+    summary="Show where the model looked",
+    response_class=Response,
+    responses=EXPLAIN_RESPONSES,
+    openapi_extra=EXPLAIN_BODY,
+)
+async def explain(
+    request: Request,
+    top_k: TopK = None,
+    method: Annotated[str | None, Query(description="default: rollout")] = None,
+    fmt: Annotated[Literal["png", "json"], Query(alias="format")] = "png",
+) -> Response:
+    """The attention map over the image, from `vitkit.infer.explain`: the same inputs as
+    /v1/predict, plus `method` (default rollout) in the body or the query."""
+    start = time.perf_counter()
+    service = _service(request)
+    data, fields = await read_upload(request, service.max_upload_bytes)
+    k = service.top_k(fields, top_k)
+    how = fields.get("method", method or "rollout")
+    if how not in METHODS:
+        raise ApiError(422, f"method must be one of {', '.join(METHODS)}, got {how!r}")
+    pixels = await service.decode(decode_image, data, service.model.config, service.max_pixels)
+    labels, heatmap, png = await service.batcher.call(_explain, service.model, pixels, how, k)
+    rows, latency = label_rows(labels), _ms_since(start)
+    if fmt == "json":
+        return JSONResponse(
+            {
+                "labels": rows,
+                "method": how,
+                "heatmap": heatmap,
+                "overlay_png": base64.b64encode(png).decode(),
+                "model": service.name,
+                "latency_ms": latency,
+            }
+        )
+    # JSON's ASCII escapes keep any label name a valid header value.
+    headers = {"X-Labels": json.dumps(rows), "X-Latency-Ms": str(latency)}
+    return Response(png, media_type="image/png", headers=headers)
+
+
+def _explain(
+    model: ViT, pixels: torch.Tensor, how: str, k: int
+) -> tuple[Labels, list[list[float]], bytes]:
+    """The top-k labels, the heatmap and the overlay as PNG, for uint8 (C, S, S) pixels."""
+    image = Image.fromarray(pixels.permute(1, 2, 0).squeeze(-1).numpy())
+    result = explain_image(model, image, how, k)
+    png = io.BytesIO()
+    result.overlay().save(png, "PNG")
+    return result.labels, result.heatmap.round(4).tolist(), png.getvalue()
+
+
+@router.get("/v1/model", summary="The model: configuration, labels, preprocessing, limits")
+async def model_info(request: Request) -> dict[str, Any]:
+    return _service(request).info
+
+
+@router.get("/v1/stats", summary="How requests have been batched")
+async def stats(request: Request) -> dict[str, Any]:
+    batcher = _service(request).batcher
+    sizes = batcher.batch_sizes
+    batches, images = sum(sizes.values()), sum(s * n for s, n in sizes.items())
+    return {
+        "batches": batches,
+        "images": images,
+        "mean_batch_size": round(images / batches, 3) if batches else None,
+        "batch_sizes": {str(s): n for s, n in sorted(sizes.items())},
+        "queued": batcher.queued,
+    }
+
+
+@router.get("/healthz", summary="Whether the service can classify")
+async def healthz(request: Request) -> JSONResponse:
+    service = _service(request)
+    if not service.batcher.running:
+        return JSONResponse({"status": "down", "error": "the model worker has stopped"}, 503)
+    return JSONResponse({"status": "ok", "model": service.name})
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")

@@ -1,0 +1,109 @@
+"""What the endpoints take and return, as the OpenAPI document shows it.
+
+The image endpoints parse their bodies themselves (multipart, JSON or raw bytes, see
+`vitkit.serve.decode`), so their request bodies are described here by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from vitkit.infer.explain import METHODS
+from vitkit.model.vit import ViT, count_params
+
+DEFAULT_TOP_K = 5
+
+
+class LabelOut(BaseModel):
+    label: str
+    probability: float
+
+
+class PredictOut(BaseModel):
+    labels: list[LabelOut]
+    model: str
+    latency_ms: float
+
+
+class ErrorOut(BaseModel):
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": why}
+    for status, why in [
+        (400, "malformed multipart, JSON or base64"),
+        (413, "body over the size limit, or an image over the pixel limit"),
+        (415, "a content type other than multipart/form-data, application/json or image/*"),
+        (422, "not a readable image, or a bad parameter"),
+    ]
+}
+
+EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the attention overlay as PNG, the top labels in the X-Labels "
+        "header (JSON); with format=json, JSON with labels, method, heatmap (the grid, "
+        "scaled to [0, 1]), overlay_png (base64), model and latency_ms",
+        "content": {"image/png": {}},
+    },
+    **ERRORS,
+}
+
+
+def _image_body(**fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of an image endpoint, with `fields` beside the image."""
+    fields = {"top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}, **fields}
+    image = "the image file, base64-encoded (a data: URL is accepted too)"
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}, **fields},
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string", "description": image}, **fields},
+                    }
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+
+PREDICT_BODY = _image_body()
+EXPLAIN_BODY = _image_body(method={"type": "string", "enum": list(METHODS)})
+
+
+def model_info(name: str, model: ViT, precision: str, limits: dict[str, Any]) -> dict[str, Any]:
+    """The body of /v1/model: the model's configuration, labels, preprocessing and `limits`."""
+    config = model.config
+    return {
+        "name": name,
+        "precision": precision,
+        "parameters": count_params(model),
+        "config": config.to_dict(),
+        "labels": model.labels or [str(i) for i in range(config.num_classes)],
+        "preprocessing": {
+            "image_size": config.image_size,
+            "channels": config.in_channels,
+            "mean": list(config.mean),
+            "std": list(config.std),
+            "interpolation": config.interpolation,
+        },
+        "limits": limits,
+    }
+
+
+def label_rows(labels: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    """(label, probability) pairs as the JSON rows of a response."""
+    return [{"label": label, "probability": p} for label, p in labels]

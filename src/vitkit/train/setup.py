@@ -1,0 +1,133 @@
+"""A training run's set-up: its data, the model it trains (new, pretrained or resumed), and the
+precision it computes in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitkit.config import ViTConfig, get_preset
+from vitkit.data import ImageDataset, calibration_sample, dataset_stats, load_dataset
+from vitkit.model.factory import create_model
+from vitkit.model.vit import ViT
+from vitkit.rundir import STATE_JSON
+from vitkit.runtime import auto_bf16
+from vitkit.train.checkpoint import SavedState
+from vitkit.train.config import TrainConfig
+from vitkit.weights import CheckpointError, load_pretrained
+
+# Image folders are decoded to this size unless a preset or recipe says otherwise.
+FOLDER_IMAGE_SIZE = 64
+# What a recipe's [model] may change in a pretrained model: regularisation, not weights.
+FINETUNE_OVERRIDES = frozenset({"dropout", "attn_dropout", "drop_path"})
+
+
+def default_preset(image_size: int) -> str:
+    """A small-image preset suited to the data's size (recipes name their own)."""
+    return {28: "Ti/4@28", 32: "Ti/4@32"}.get(image_size, "Ti/4@28")
+
+
+def model_config(cfg: TrainConfig, train: ImageDataset) -> ViTConfig:
+    """Preset + recipe overrides, fitted to the data: size, channels, classes, normalisation."""
+    base = get_preset(cfg.model or default_preset(train.image_size))
+    mean, std = dataset_stats(train)
+    std = tuple(s if s > 1e-6 else 1.0 for s in std)  # a constant channel: centre it only
+    fitted: dict[str, Any] = {
+        "image_size": train.image_size,
+        "in_channels": train.channels,
+        "num_classes": len(train.classes),
+        "mean": mean,
+        "std": std,
+    }
+    if cfg.model is None and train.image_size not in (28, 32):
+        fitted["patch_size"] = max(1, train.image_size // 8)  # an 8x8 grid of patches
+    return base.replace(**(fitted | cfg.model_overrides))
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    return auto_bf16(device)
+
+
+def load_splits(
+    cfg: TrainConfig, image_size: int | None, channels: int | None = None
+) -> tuple[ImageDataset, ImageDataset]:
+    """Training data and held-out data: the dataset's test split, or a folder's validation part."""
+    kwargs = {"data_dir": cfg.data_dir, "image_size": image_size, "channels": channels}
+    if cfg.data in ("fashion-mnist", "mnist", "digits"):
+        return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "test", **kwargs)
+    kwargs["val_fraction"] = cfg.val_fraction
+    return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
+
+
+def read_saved(state: SavedState, key: str, parse: Callable[[dict[str, Any]], Any]) -> Any:
+    """`parse` of settings a saved state holds, any error in them named by the file."""
+    try:
+        return parse(state.meta[key])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{state.path / STATE_JSON}: {key}: {e}") from None
+
+
+def model_and_data(
+    cfg: TrainConfig,
+    state: SavedState | None,
+    datasets: tuple[ImageDataset, ImageDataset] | None,
+) -> tuple[ViT, ImageDataset, ImageDataset]:
+    """The model to train and its data: resumed from `state`, fine-tuned from `cfg.init`, or
+    new from a preset fitted to the data."""
+    pretrained = load_pretrained(cfg.init) if cfg.init and state is None else None
+    if state is not None:
+        config = read_saved(state, "model_config", ViTConfig.from_dict)
+    else:
+        config = pretrained.config if pretrained is not None else None
+    size = cfg.model_overrides.get("image_size", config.image_size if config else None)
+    if state is not None:
+        size = config.image_size
+    elif size is None and cfg.model:
+        size = get_preset(cfg.model).image_size
+    elif size is None and Path(cfg.data).is_dir():
+        size = FOLDER_IMAGE_SIZE
+    # A new model's `in_channels` override converts the data (e.g. a folder to grey).
+    channels = config.in_channels if config else cfg.model_overrides.get("in_channels")
+    train_ds, val_ds = datasets or load_splits(cfg, size, channels)
+    if pretrained is not None:
+        model = _fit_pretrained(pretrained, cfg, train_ds)
+    else:
+        model = create_model(config or model_config(cfg, train_ds), seed=cfg.seed)
+    model.labels = train_ds.classes
+    model.calibration = calibration_sample(train_ds.images, cfg.seed)
+    if cfg.linear_probe:  # train the head only
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    return model, train_ds, val_ds
+
+
+def _fit_pretrained(model: ViT, cfg: TrainConfig, train: ImageDataset) -> ViT:
+    """A pretrained model with a head for the data's classes, at the data's resolution."""
+    n = len(train.classes)
+    if cfg.num_classes is not None:
+        if cfg.num_classes != n:
+            raise ValueError(f"--num-classes {cfg.num_classes}, but the data has {n} classes")
+        model.reset_head(n)
+    elif model.config.num_classes != n:
+        raise ValueError(
+            f"the pretrained head has {model.config.num_classes} classes and the "
+            f"data {n}: pass --num-classes {n} for a new head"
+        )
+    model.set_image_size(train.image_size)  # position embeddings resampled if it differs
+    overrides = {k: v for k, v in cfg.model_overrides.items() if k != "image_size"}
+    fixed = sorted(set(overrides) - FINETUNE_OVERRIDES)
+    if fixed:
+        raise ValueError(
+            f"a pretrained model's {', '.join(fixed)} cannot change when fine-tuning; "
+            f"[model] may set {', '.join(sorted(FINETUNE_OVERRIDES | {'image_size'}))}"
+        )
+    if overrides:  # regularisation lives in the modules: rebuild them, keep every weight
+        tuned = ViT(model.config.replace(**overrides))
+        tuned.load_state_dict(model.state_dict())
+        model = tuned
+    return model

@@ -1,0 +1,221 @@
+"""The micro-batcher on its own: batch sizes, waiting, order, failures, its thread, stopping."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vitkit import create_model
+from vitkit.infer.labels import top_k
+from vitkit.model.vit import ViT
+from vitkit.serve.batcher import MicroBatcher
+
+
+@pytest.fixture
+def model() -> ViT:
+    model = create_model("Ti/4@28", width=64, depth=2, heads=2, seed=0)
+    # The initial zero head predicts uniformly; random weights give distinct probabilities.
+    torch.nn.init.normal_(model.head.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def images(n: int) -> list[torch.Tensor]:
+    """n distinct normalised (1, 1, 28, 28) inputs."""
+    g = torch.Generator().manual_seed(n)
+    return [torch.randn(1, 1, 28, 28, generator=g) for _ in range(n)]
+
+
+class Spy:
+    """Stands in for a model's forward: records each call's batch size and thread, and can fail
+    the first call or hold every call until released."""
+
+    def __init__(self, model: ViT, fail_first: bool = False, hold: bool = False) -> None:
+        self.forward, self.fail_first = model.forward, fail_first
+        self.sizes: list[int] = []
+        self.threads: list[str] = []
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        model.forward = self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(threading.current_thread().name)
+        self.sizes.append(len(x))
+        self.release.wait(30)
+        if self.fail_first and len(self.sizes) == 1:
+            raise RuntimeError("out of memory")
+        return self.forward(x)
+
+
+def assert_same(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> None:
+    assert [label for label, _ in got] == [label for label, _ in want]
+    np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-5)
+
+
+def test_full_batches_keep_each_request_its_own_answer(model):
+    xs, ks = images(5), [3, 1, 5, 2, 3]
+    with torch.inference_mode():
+        want = [top_k(model(x), k, model.labels)[0] for x, k in zip(xs, ks, strict=True)]
+    spy = Spy(model)
+    batcher = MicroBatcher(model, max_batch=2, max_wait_ms=1000)
+
+    async def test():
+        batcher.start()
+        futures = [batcher.submit(x, k) for x, k in zip(xs, ks, strict=True)]
+        assert batcher.queued == 5
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(test())
+    # Everything was queued at once: batches of max_batch, no waiting for the last one.
+    assert spy.sizes == [2, 2, 1]
+    assert batcher.batch_sizes == {2: 2, 1: 1}
+    for got, wanted, k in zip(results, want, ks, strict=True):
+        assert len(got) == k
+        assert_same(got, wanted)
+
+
+def test_an_idle_batcher_does_not_wait(model):
+    spy = Spy(model)
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=10_000)
+
+    async def test():
+        batcher.start()
+        start = time.perf_counter()
+        await batcher.submit(images(1)[0], 1)
+        elapsed = time.perf_counter() - start
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(test()) < 5  # far less than max_wait: no other request was on its way
+    assert spy.sizes == [1]
+
+
+def test_a_batch_waits_for_requests_on_their_way(model):
+    spy = Spy(model)
+    batcher = MicroBatcher(model, max_batch=2, max_wait_ms=10_000)
+    first, second = images(2)
+
+    async def test():
+        batcher.start()
+        start = time.perf_counter()
+        with batcher.incoming():  # a second request is being read
+            result = batcher.submit(first, 1)
+            await asyncio.sleep(0.1)
+            other = batcher.submit(second, 1)
+        await asyncio.gather(result, other)
+        elapsed = time.perf_counter() - start
+        await batcher.stop()
+        return elapsed
+
+    elapsed = asyncio.run(test())
+    assert spy.sizes == [2]  # the first image waited for the second
+    assert 0.1 <= elapsed < 5  # and the full batch went at once, long before max_wait
+
+
+def test_a_batch_waits_no_longer_than_max_wait(model):
+    spy = Spy(model)
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=200)
+
+    async def test():
+        batcher.start()
+        start = time.perf_counter()
+        with batcher.incoming():  # a request that never arrives
+            await batcher.submit(images(1)[0], 1)
+        elapsed = time.perf_counter() - start
+        await batcher.stop()
+        return elapsed
+
+    assert 0.19 <= asyncio.run(test()) < 5
+    assert spy.sizes == [1]
+
+
+def test_a_failed_model_call_fails_only_its_batch(model):
+    spy = Spy(model, fail_first=True)
+    batcher = MicroBatcher(model, max_batch=2, max_wait_ms=0)
+
+    async def test():
+        batcher.start()
+        futures = [batcher.submit(x, 2) for x in images(3)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        running = batcher.running
+        await batcher.stop()
+        return results, running
+
+    (a, b, c), running = asyncio.run(test())
+    assert isinstance(a, RuntimeError) and "out of memory" in str(a)
+    assert b is a  # every request of the failed batch gets the model's exception
+    assert len(c) == 2  # the next batch is answered
+    assert running and spy.sizes == [2, 1]
+    assert batcher.batch_sizes == {1: 1}  # failed batches are not counted
+
+
+def test_requests_gone_away_are_not_computed(model):
+    spy = Spy(model)
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=0)
+
+    async def test():
+        batcher.start()
+        futures = [batcher.submit(x, 1) for x in images(3)]
+        futures[1].cancel()  # its client disconnected
+        done = await asyncio.gather(futures[0], futures[2])
+        await batcher.stop()
+        return done
+
+    assert len(asyncio.run(test())) == 2
+    assert spy.sizes == [2] and batcher.batch_sizes == {2: 1}
+
+
+def test_calls_share_the_model_thread(model):
+    spy = Spy(model)
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=0)
+
+    async def test():
+        batcher.start()
+        await batcher.submit(images(1)[0], 1)
+        name = await batcher.call(lambda: threading.current_thread().name)
+        total = await batcher.call(sum, [1, 2, 3])
+        await batcher.stop()
+        return name, total
+
+    name, total = asyncio.run(test())
+    assert total == 6
+    assert name.startswith("vitkit-model") and spy.threads == [name]
+
+
+def test_stop_ends_the_worker(model):
+    spy = Spy(model, hold=True)
+    batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0)
+
+    async def test():
+        assert not batcher.running and batcher.queued == 0
+        await batcher.stop()  # before start: nothing to stop
+        with pytest.raises(RuntimeError, match="not running"):
+            batcher.submit(images(1)[0], 1)
+        batcher.start()
+        assert batcher.running
+        for x in images(3):
+            batcher.submit(x, 1)
+        while not spy.threads:  # the first batch is in the model; the other two wait
+            await asyncio.sleep(0.01)
+        assert batcher.queued == 2
+        start = time.perf_counter()
+        await batcher.stop()  # does not wait for the model call in progress
+        stopped_in = time.perf_counter() - start
+        spy.release.set()
+        assert not batcher.running
+        with pytest.raises(RuntimeError, match="not running"):
+            batcher.submit(images(1)[0], 1)
+        with pytest.raises(RuntimeError):  # nor does the model thread take new work
+            await batcher.call(sum, [1])
+        return stopped_in
+
+    try:
+        assert asyncio.run(test()) < 5
+    finally:
+        spy.release.set()
+    assert batcher.batch_sizes == {}
