@@ -22,16 +22,20 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 # (timm name, image size, heads to state: weights alone cannot tell 16 heads of 48 from 12 of 64)
+# Base-sized models take seconds each: in the full suite only.
+_SLOW = pytest.mark.slow
 TIMM_MODELS = [
     ("vit_tiny_patch16_224", 224, None),
     ("vit_small_patch16_224", 224, None),
-    ("vit_base_patch16_224", 224, None),
-    ("vit_base_patch32_224", 224, None),
+    pytest.param("vit_base_patch16_224", 224, None, marks=_SLOW),
+    pytest.param("vit_base_patch32_224", 224, None, marks=_SLOW),
     ("vit_tiny_patch16_384", 384, None),
-    ("vit_base_patch16_gap_224", 224, 16),  # no class token, mean pooling
-    ("vit_base_patch16_reg4_gap_256", 256, None),  # 4 registers, fc_norm after pooling
-    ("vit_base_r50_s16_384", 384, None),  # the paper's hybrid: ResNet-50 stages (3, 4, 9)
-    ("vit_small_r26_s32_224", 224, None),  # hybrid, ResNet-26 stages (2, 2, 2, 2)
+    pytest.param("vit_base_patch16_gap_224", 224, 16, marks=_SLOW),  # no [CLS], mean pooling
+    # 4 registers, fc_norm after pooling
+    pytest.param("vit_base_patch16_reg4_gap_256", 256, None, marks=_SLOW),
+    # the paper's hybrid: ResNet-50 stages (3, 4, 9)
+    pytest.param("vit_base_r50_s16_384", 384, None, marks=_SLOW),
+    pytest.param("vit_small_r26_s32_224", 224, None, marks=_SLOW),  # ResNet-26 (2, 2, 2, 2)
 ]
 
 
@@ -92,6 +96,7 @@ def _hf_model(transformers, tmp_path, **kw):
     return ref
 
 
+@pytest.mark.slow
 def test_hugging_face_parity_and_round_trip(transformers, tmp_path):
     ref = _hf_model(transformers, tmp_path)  # default layer_norm_eps 1e-12, read from config.json
     model = from_hf(tmp_path / "hf")
@@ -280,6 +285,7 @@ def test_google_npz_parity_with_timms_loader(timm, tmp_path, big_vision):
         assert_logits_close(model(x), src.eval()(x))
 
 
+@pytest.mark.slow
 def test_google_npz_hybrid_parity_with_timms_loader(timm, tmp_path):
     from timm.models.vision_transformer import _load_weights
 
@@ -301,6 +307,7 @@ def test_google_npz_hybrid_parity_with_timms_loader(timm, tmp_path):
         assert_logits_close(model(x), src.eval()(x))
 
 
+@pytest.mark.slow
 def test_hub_names_offline_give_the_local_alternative(monkeypatch):
     from vitkit.weights import load_pretrained
 

@@ -128,6 +128,7 @@ def _assert_close(a, b):
     assert worst < TOLERANCE, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_train_like_one(single, digits, tmp_path, shard):
     """The same global batch on 2 processes, 2 micro-batches each, as on one process."""
@@ -146,6 +147,7 @@ def test_two_processes_train_like_one(single, digits, tmp_path, shard):
     assert sorted(p.name for p in state.iterdir() if p.suffix != ".safetensors") == ["state.json"]
 
 
+@pytest.mark.slow
 def test_resume_on_another_number_of_processes(single, digits, tmp_path):
     """Stopped mid-epoch on 2 processes, sharded, then finished on 1; and a run begun on 1
     process finished on 2: both end where the uninterrupted run does."""
@@ -165,6 +167,7 @@ def test_resume_on_another_number_of_processes(single, digits, tmp_path):
     _assert_close(load_model(plain).state_dict(), weights)
 
 
+@pytest.mark.slow
 def test_a_dying_process_stops_the_job_with_a_clear_error(digits, tmp_path):
     codes, elapsed = _spawn(2, _config(), tmp_path, digits, dies=True)
     assert codes == [1, 3], codes
@@ -173,6 +176,7 @@ def test_a_dying_process_stops_the_job_with_a_clear_error(digits, tmp_path):
     assert error.startswith("LostProcessError: process 0 of 2: another process"), error
 
 
+@pytest.mark.slow
 def test_torchrun_cli(tmp_path):
     """`torchrun -m vitkit train` as a user would run it: one report, a whole model."""
     run = tmp_path / "run"

@@ -49,6 +49,7 @@ def exported(tmp_path_factory):
     return model, fp32, quantize_onnx_int8(fp32, folder / "model.int8.onnx")
 
 
+@pytest.mark.slow
 def test_parity_on_real_images_and_any_batch_size(exported, fashion):
     model, fp32, _ = exported
     x = preprocess(fashion.images[:256], model.config)
@@ -66,6 +67,7 @@ def test_parity_on_real_images_and_any_batch_size(exported, fashion):
     assert sorted(p.name for p in fp32.parent.iterdir()) == ["model.int8.onnx", "model.onnx"]
 
 
+@pytest.mark.slow
 def test_metadata_round_trips(exported):
     model, fp32, int8 = exported
     for path in (fp32, int8):
@@ -84,6 +86,7 @@ def test_metadata_round_trips(exported):
     assert read_metadata(int8)["quantization"]["weights"] == "int8"
 
 
+@pytest.mark.slow
 def test_int8_file_is_smaller_and_close(exported, fashion):
     model, fp32, int8 = exported
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
@@ -93,6 +96,7 @@ def test_int8_file_is_smaller_and_close(exported, fashion):
     assert 0 < parity.max_abs_diff < 0.1
 
 
+@pytest.mark.slow
 def test_compare_precisions(exported, fashion):
     model, fp32, int8 = exported
     subset = fashion.subset(torch.arange(200))
@@ -106,6 +110,7 @@ def test_compare_precisions(exported, fashion):
     assert all(0.0 <= s.top1 <= 1.0 and s.top1_agreement >= 0.9 for s in scores)
 
 
+@pytest.mark.slow
 def test_hybrid_model_exports(tmp_path, fashion):
     model = small_model(resnet_layers=(1,), resnet_width=32, resnet_stem="small", patch_size=4)
     for norm in (m for name, m in model.named_modules() if name.endswith("norm3")):
@@ -116,6 +121,7 @@ def test_hybrid_model_exports(tmp_path, fashion):
     assert read_metadata(path)["config"].resnet_layers == (1,)
 
 
+@pytest.mark.slow
 def test_shipped_model_exports_with_int8(tmp_path, fashion):
     model = vitkit.load_model("fashion-mnist")
     fp32 = export_onnx(model, tmp_path / "fm.onnx", dynamic_batch=True)
@@ -134,6 +140,7 @@ def _run(argv):
     return args.func(args)
 
 
+@pytest.mark.slow
 def test_export_command(tmp_path, fashion, capsys):
     model_dir = save_model(small_model(), tmp_path / "model")
     images = tmp_path / "images"
@@ -160,6 +167,7 @@ def test_export_command(tmp_path, fashion, capsys):
     torch.testing.assert_close(run_onnx(session, x), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_command_checks_a_run_on_its_own_data(tmp_path, fashion, capsys):
     model_dir = save_model(small_model(), tmp_path / "run")
     (model_dir / "train.json").write_text(json.dumps({"data": "fashion-mnist"}))

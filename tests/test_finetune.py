@@ -31,6 +31,7 @@ def _digits(**kw) -> TrainConfig:
     return TrainConfig.from_dict(settings | kw)
 
 
+@pytest.mark.slow
 def test_finetuning_the_shipped_model_beats_scratch_on_digits(tmp_path):
     tuned = train(_digits(init="fashion-mnist", num_classes=10), tmp_path / "ft", progress=False)
     arch = {k: v for k, v in SHIPPED.to_dict().items() if k not in ("num_classes", "mean", "std")}
@@ -47,6 +48,7 @@ def test_finetuning_the_shipped_model_beats_scratch_on_digits(tmp_path):
     assert model.labels == [str(i) for i in range(10)]
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_the_head_only(tmp_path):
     train(
         _digits(init="fashion-mnist", num_classes=10, linear_probe=True, epochs=1),
@@ -94,6 +96,7 @@ def test_layer_decay_scales_lower_layers_less():
     assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.125
 
 
+@pytest.mark.slow
 def test_recipe_regularisation_applies_to_a_pretrained_model(tmp_path):
     cfg = _digits(
         init="fashion-mnist",

@@ -69,6 +69,7 @@ def hostile_run(tmp_path_factory) -> Run:
     return Run(eps, fifo, good, marker, done)
 
 
+@pytest.mark.slow
 def test_predict_refuses_eps_named_png_without_running_ghostscript(hostile_run):
     assert hostile_run.done.returncode == 1
     assert not hostile_run.marker.exists()
@@ -76,16 +77,25 @@ def test_predict_refuses_eps_named_png_without_running_ghostscript(hostile_run):
     assert eps_error in hostile_run.done.stderr.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_fifo_without_blocking(hostile_run):
     # Reaching here at all means the run ended: opening the FIFO would have waited forever.
     fifo_error = f"{hostile_run.fifo}: cannot read image: not a regular file (a FIFO)"
     assert hostile_run.done.stderr.splitlines()[1] == f"vitkit predict: error: {fifo_error}"
 
 
+@pytest.mark.slow
 def test_predict_classifies_good_images_beside_hostile_ones(hostile_run):
     assert len(hostile_run.done.stderr.splitlines()) == 2
     (line,) = hostile_run.done.stdout.splitlines()
     assert line.startswith(f"{hostile_run.good}: ")
+
+
+def test_a_fifo_is_refused_at_once_in_process(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # nothing ever writes to it: opening it to read would wait forever
+    with pytest.raises(UnreadableImage, match=r"not a regular file \(a FIFO\)"):
+        load_image(fifo)
 
 
 def test_devices_and_directories_are_refused_by_kind(tmp_path):

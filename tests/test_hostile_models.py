@@ -115,6 +115,7 @@ def test_parameter_count_bounded_before_building(model_dir):
         load_model(model_dir)
 
 
+@pytest.mark.slow
 def test_state_shapes_are_the_models():
     grey = PRESETS["Ti/4@28"]
     configs = [
@@ -386,6 +387,7 @@ def test_hub_revision_passed_and_commit_recorded(fake_hub, tmp_path):
         load_pretrained("hf:org/vit@")
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_the_hub_records_the_commit_in_train_json(fake_hub, tmp_path):
     from vitkit.train import TrainConfig, train
 

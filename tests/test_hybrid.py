@@ -1,5 +1,6 @@
 """The hybrid (ResNet-v2 + ViT) goes through training, fine-tuning and saving unchanged."""
 
+import pytest
 import torch
 
 from vitkit import create_model, load_model, save_model
@@ -34,6 +35,7 @@ def _digits(**kw) -> TrainConfig:
     return TrainConfig.from_dict(settings | kw)
 
 
+@pytest.mark.slow
 def test_hybrid_learns_digits_then_fine_tunes_at_another_size(tmp_path):
     result = train(_digits(), tmp_path / "run", progress=False)
     assert result.val_acc > 0.8, result.val_acc  # chance is 0.1

@@ -264,6 +264,7 @@ def test_save_report(tmp_path):
         assert png.format == "PNG" and min(png.size) > 500
 
 
+@pytest.mark.slow
 def test_confusion_plot_for_many_classes(tmp_path):
     rng = np.random.default_rng(0)
     matrix = rng.integers(0, 5, (100, 100)) + np.eye(100, dtype=np.int64) * 50

@@ -42,6 +42,7 @@ def test_fp32_is_the_model_itself(fashion):
         assert torch.equal(fast(x[:64]), model(x[:64]))
 
 
+@pytest.mark.slow
 def test_bf16_keeps_predictions(fashion):
     model, x, labels = fashion
     fast = vitkit.optimize(model, "bf16")

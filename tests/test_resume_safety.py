@@ -98,6 +98,7 @@ def test_a_planted_pickle_never_runs(tmp_path, pointer):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_planted_pointer_next_to_real_states_is_refused_and_resume_goes_on(
     tmp_path, reference, capsys
 ):
@@ -111,6 +112,7 @@ def test_a_planted_pointer_next_to_real_states_is_refused_and_resume_goes_on(
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_the_previous_state_is_kept_and_used_when_the_newest_is_broken(tmp_path, reference, capsys):
     """Saving every step keeps two states; the newest one truncated, resume falls back to the
     one before it, says so, and still ends bitwise where the uninterrupted run does."""
@@ -163,6 +165,7 @@ def test_a_tampered_state_json_is_refused_naming_the_file(tmp_path, change, fiel
     assert "state.json" in str(e.value)
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_kill_are_removed_and_a_torn_log_does_not_block(tmp_path, reference, capsys):
     run = tmp_path / "run"
     train(tiny_config(max_steps=22), run, progress=False)
@@ -244,6 +247,7 @@ def test_killed_over_and_over_ends_where_an_uninterrupted_run_does(tmp_path):
     assert json.loads((run / "train.json").read_text())["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_with_its_own_code(tmp_path):
     """SIGTERM (`docker stop`, a cluster taking the machine back) mid-epoch: the step ends,
     the state is saved at it, the exit code is 128 + 15; resume carries on from there."""

@@ -446,6 +446,7 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc for RSS")
 def test_load_on_a_real_server(server):
     url, pid = server
@@ -489,6 +490,7 @@ def _trouser_like() -> np.ndarray:
     return image
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} to drive the page")
 def test_web_page_in_a_browser(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")

@@ -19,6 +19,7 @@ def test_shipped_model_loads_by_name():
         assert (SHIPPED_DIR / "fashion-mnist" / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_shipped_model_accuracy_matches_its_report():
     test = load_fashion_mnist("test")
     reported = json.loads((SHIPPED_DIR / "fashion-mnist" / "eval.json").read_text())["top1"]

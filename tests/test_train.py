@@ -59,6 +59,7 @@ def test_no_decay_on_norms_biases_embeddings_tokens():
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"} <= decayed
 
 
+@pytest.mark.slow
 def test_digits_learns_and_run_dir_is_a_model(tmp_path):
     cfg = tiny_config(epochs=30, lr=3e-3, warmup_epochs=1.0, label_smoothing=0.0, augment={})
     result = train(cfg, tmp_path / "run", progress=False)
@@ -72,6 +73,7 @@ def test_digits_learns_and_run_dir_is_a_model(tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
     cfg = tiny_config(ema_decay=0.9, augment={"crop_padding": 1, "mixup": 0.2})
     full = train(cfg, tmp_path / "full", progress=False)
@@ -87,6 +89,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert resumed.val_acc == full.val_acc
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_run_and_resume_finishes_it(tmp_path):
     """SIGINT mid-run: the step in progress ends, the state is saved, exit code 130."""
     run = tmp_path / "run"
@@ -113,6 +116,7 @@ def test_resume_without_checkpoint_is_clear(tmp_path):
         train(TrainConfig(), tmp_path, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_short_run_learns(tmp_path):
     """A few thousand real Fashion-MNIST images, two epochs: far above chance on held-out data."""
     full, test = load_fashion_mnist("train"), load_fashion_mnist("test")

@@ -3,18 +3,10 @@
 
 import warnings
 
-from vitkit.export import (
-    Parity,
-    check_onnx,
-    compare_precisions,
-    export_onnx,
-    onnx_session,
-    quantize_onnx_int8,
-    read_metadata,
-    run_onnx,
-)
+from vitkit import export
+from vitkit.export import *  # noqa: F403 - the same names as before
 
-quantize_int8 = quantize_onnx_int8
+quantize_int8 = export.quantize_onnx_int8
 
 warnings.warn(
     "vitkit.infer.export moved to vitkit.export (quantize_int8 is quantize_onnx_int8 there)",
@@ -22,13 +14,4 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = [
-    "Parity",
-    "check_onnx",
-    "compare_precisions",
-    "export_onnx",
-    "onnx_session",
-    "quantize_int8",
-    "read_metadata",
-    "run_onnx",
-]
+__all__ = [*export.__all__, "quantize_int8"]
