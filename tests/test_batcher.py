@@ -11,7 +11,7 @@ import torch
 from vitkit import create_model
 from vitkit.infer.labels import top_k
 from vitkit.model.vit import ViT
-from vitkit.serve.batcher import MicroBatcher
+from vitkit.serve.batcher import MicroBatcher, QueueFull
 
 
 @pytest.fixture
@@ -30,9 +30,12 @@ def images(n: int) -> list[torch.Tensor]:
 
 class Spy:
     """Stands in for a model's forward: records each call's batch size and thread, and can fail
-    the first call or hold every call until released."""
+    the first call, fail every call with a NaN input, or hold every call until released."""
 
-    def __init__(self, model: ViT, fail_first: bool = False, hold: bool = False) -> None:
+    def __init__(
+        self, model: ViT, fail_first: bool = False, hold: bool = False, fail_nan: bool = False
+    ) -> None:
+        self.fail_nan = fail_nan
         self.forward, self.fail_first = model.forward, fail_first
         self.sizes: list[int] = []
         self.threads: list[str] = []
@@ -47,6 +50,8 @@ class Spy:
         self.release.wait(30)
         if self.fail_first and len(self.sizes) == 1:
             raise RuntimeError("out of memory")
+        if self.fail_nan and x.isnan().any():
+            raise ValueError("NaN in the input")
         return self.forward(x)
 
 
@@ -134,7 +139,7 @@ def test_a_batch_waits_no_longer_than_max_wait(model):
     assert spy.sizes == [1]
 
 
-def test_a_failed_model_call_fails_only_its_batch(model):
+def test_a_failed_batch_is_retried_one_image_at_a_time(model):
     spy = Spy(model, fail_first=True)
     batcher = MicroBatcher(model, max_batch=2, max_wait_ms=0)
 
@@ -146,12 +151,67 @@ def test_a_failed_model_call_fails_only_its_batch(model):
         await batcher.stop()
         return results, running
 
-    (a, b, c), running = asyncio.run(test())
-    assert isinstance(a, RuntimeError) and "out of memory" in str(a)
-    assert b is a  # every request of the failed batch gets the model's exception
-    assert len(c) == 2  # the next batch is answered
-    assert running and spy.sizes == [2, 1]
-    assert batcher.batch_sizes == {1: 1}  # failed batches are not counted
+    results, running = asyncio.run(test())
+    # A failure that was the batch's, not an image's: every request is answered after all.
+    assert all(isinstance(r, list) and len(r) == 2 for r in results)
+    assert running and spy.sizes == [2, 1, 1, 1]
+    assert batcher.batch_sizes == {1: 3}  # the failed batch is not counted
+
+
+def test_a_bad_input_fails_only_its_own_request(model):
+    good, other = images(2)
+    bad = torch.full_like(good, float("nan"))
+    with torch.inference_mode():
+        want = [top_k(model(x), 2, model.labels)[0] for x in (good, other)]
+    spy = Spy(model, fail_nan=True)
+    batcher = MicroBatcher(model, max_batch=3, max_wait_ms=0)
+
+    async def test():
+        batcher.start()
+        futures = [batcher.submit(x, 2) for x in (good, bad, other)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    a, b, c = asyncio.run(test())
+    assert isinstance(b, ValueError) and "NaN" in str(b)
+    assert_same(a, want[0])
+    assert_same(c, want[1])
+    assert spy.sizes == [3, 1, 1, 1]  # the batch, then each image alone
+
+
+def test_a_full_queue_refuses_instead_of_queueing(model):
+    spy = Spy(model, hold=True)
+    batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0, max_queue=2)
+
+    async def test():
+        batcher.start()
+        xs = images(5)
+        first = batcher.submit(xs[0], 1)
+        for _ in range(500):  # the first image is in the model, held there
+            if spy.threads:
+                break
+            await asyncio.sleep(0.01)
+        queued = [batcher.submit(x, 1) for x in xs[1:3]]
+        for x in xs[3:]:
+            with pytest.raises(QueueFull, match="2 images"):
+                batcher.submit(x, 1)
+        assert batcher.queued == 2
+        spy.release.set()
+        results = await asyncio.gather(first, *queued)
+        again = await batcher.submit(xs[3], 1)  # room again once the queue drains
+        await batcher.stop()
+        return results, again
+
+    try:
+        results, again = asyncio.run(test())
+    finally:
+        spy.release.set()
+    assert len(results) == 3 and len(again) == 1
+    assert spy.sizes == [1, 1, 1, 1]
+    assert MicroBatcher(model, max_batch=4, max_wait_ms=0).max_queue == 32
+    with pytest.raises(ValueError, match="max_queue"):
+        MicroBatcher(model, max_batch=4, max_wait_ms=0, max_queue=0)
 
 
 def test_requests_gone_away_are_not_computed(model):

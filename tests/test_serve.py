@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from vitkit import Classifier, create_model, load_model, save_model
-from vitkit.cli.serve import add_serve_command
+from vitkit.cli.serve import add_serve_command, loopback_hosts
 from vitkit.serve.app import create_app
 
 LABELS = [f"class {i}" for i in range(10)]
@@ -130,6 +130,18 @@ def test_top_k_sources_and_bounds(client):
         assert response.status_code == 422 and "top_k" in response.json()["error"]
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "\u2460", "9" * 5000])
+def test_top_k_that_int_cannot_read_is_a_422(client, value):
+    # "²" and "①" pass str.isdigit() but not int(); 5000 digits pass neither int()'s limit.
+    for how in ({"data": {"top_k": value}}, {"params": {"top_k": value}}):
+        response = upload(client, GOOD, **how)
+        assert response.status_code == 422 and "top_k" in response.json()["error"]
+    response = client.post(
+        "/v1/predict", json={"image": base64.b64encode(GOOD).decode(), "top_k": value}
+    )
+    assert response.status_code == 422 and "top_k" in response.json()["error"]
+
+
 def test_model_health_page_and_docs(client):
     info = client.get("/v1/model").json()
     assert info["name"] == "model" and info["labels"] == LABELS
@@ -158,6 +170,34 @@ def test_create_app_and_command_arguments(model_dir):
     args = parser.parse_args(["serve", "fashion-mnist", "--port", "0", "--max-batch", "8"])
     assert args.model == "fashion-mnist" and args.port == 0 and args.max_batch == 8
     assert args.host == "127.0.0.1" and args.func.__name__ == "cmd_serve"
+    assert args.max_queue is None
+    assert parser.parse_args(["serve", "m", "--max-queue", "3"]).max_queue == 3
+    limits = create_app(model_dir, max_batch=4).state.service.info["limits"]
+    assert limits["max_queue"] == 32 and limits["max_explanations"] == 2
+
+
+def test_loopback_hosts_for_the_host_check():
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert {"127.0.0.1", "localhost", "[::1]"} <= set(loopback_hosts(host))
+    assert "127.0.0.2" in loopback_hosts("127.0.0.2")
+    for host in ("0.0.0.0", "::", "192.168.1.10", "example.com"):
+        assert loopback_hosts(host) is None  # reachable under other names: any Host
+
+
+def test_a_headless_model_is_refused_at_start_up(tmp_path):
+    headless = create_model("Ti/4@28", width=64, depth=2, heads=2, num_classes=0)
+    with pytest.raises(ValueError, match=r"no classification head \(num_classes=0\)"):
+        create_app(headless)
+    directory = save_model(headless, tmp_path / "headless")
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit", "serve", str(directory), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no classification head" in lines[0], done.stderr
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -389,7 +429,7 @@ def test_explain_bad_input(client):
 # -- a real server --------------------------------------------------------------------------
 SERVE = """
 import argparse, sys
-from vitkit.cli.serve import add_serve_command
+from vitkit.cli.serve import add_serve_command, loopback_hosts
 parser = argparse.ArgumentParser()
 add_serve_command(parser.add_subparsers())
 args = parser.parse_args(["serve", *sys.argv[1:]])

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 
 from vitkit.cli.common import add_precision_argument, fail, note
 from vitkit.infer.optimize import int8_batch_sizes
+
+# Host header values for a service on a loopback address (any port).
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,6 +26,12 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         type=float,
         default=5.0,
         help="how long a batch waits for more images once its first has arrived",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="most images waiting for the model (default 8 x --max-batch); beyond it: 503",
     )
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body")
     p.add_argument(
@@ -46,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_upload_bytes=round(args.max_upload_mb * 1024 * 1024),
         max_pixels=round(args.max_megapixels * 1_000_000),
+        max_queue=args.max_queue,
+        allowed_hosts=loopback_hosts(args.host),
         device=args.device,
         precision=args.precision,
     )
@@ -69,6 +81,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def loopback_hosts(host: str) -> list[str] | None:
+    """The Host headers to accept when listening on HOST: only loopback names when HOST is a
+    loopback address (a web page elsewhere cannot then reach the service by DNS rebinding),
+    any otherwise (None)."""
+    if host == "localhost":
+        return LOOPBACK_HOSTS
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return None
+    shown = f"[{host}]" if ":" in host else host  # e.g. 127.0.0.2, also loopback
+    return sorted({*LOOPBACK_HOSTS, shown}) if loopback else None
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vitkit import __version__
 from vitkit.infer.optimize import optimize
@@ -38,6 +39,9 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
+    max_queue: int | None = None,
+    max_explanations: int = 2,
+    allowed_hosts: list[str] | None = None,
     device: str | torch.device = "cpu",
     name: str | None = None,
     precision: str = "fp32",
@@ -46,28 +50,33 @@ def create_app(
 
     `name` (default: the directory's name, or "model") is reported with every prediction.
     `precision` is that of `vitkit.optimize` for predictions ("auto" in `vitkit serve`);
-    explanations always run in fp32. The `Service` is `app.state.service`.
+    explanations always run in fp32. Beyond `max_queue` images waiting for the model (default
+    8 * max_batch), or `max_explanations` explanations at once, a request gets 503 with
+    Retry-After. `allowed_hosts` (default: any) are the Host header values accepted, with any
+    port; others get 400. The `Service` is `app.state.service`.
     """
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-    if max_wait_ms < 0:
-        raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
-    if max_upload_bytes < 1 or max_pixels < 1:
-        raise ValueError("max_upload_bytes and max_pixels must be positive")
+    _check_limits(max_batch, max_wait_ms, max_upload_bytes, max_pixels, max_explanations)
     if isinstance(model_dir_or_model, ViT):
         model, name = model_dir_or_model, name or "model"
     else:
         directory = resolve_model_dir(model_dir_or_model)
         model, name = load_model(directory), name or directory.name
+    if model.config.num_classes == 0:
+        raise ValueError(
+            f"{name}: the model has no classification head (num_classes=0), so it has no "
+            "labels to serve; serve a classifier"
+        )
     model = model.to(device).eval()
     fast = optimize(model, precision)
+    batcher = MicroBatcher(fast, max_batch, max_wait_ms, max_queue)
     limits = {
         "max_batch": max_batch,
         "max_wait_ms": max_wait_ms,
+        "max_queue": batcher.max_queue,
+        "max_explanations": max_explanations,
         "max_upload_bytes": max_upload_bytes,
         "max_pixels": max_pixels,
     }
-    batcher = MicroBatcher(fast, max_batch, max_wait_ms)
     info = model_info(name, model, fast.precision, limits)
     app = FastAPI(
         title="vitkit",
@@ -75,7 +84,11 @@ def create_app(
         version=__version__,
         lifespan=_lifespan,
     )
-    app.state.service = Service(name, model, batcher, max_upload_bytes, max_pixels, info)
+    app.state.service = Service(
+        name, model, batcher, max_upload_bytes, max_pixels, info, max_explanations
+    )
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.add_exception_handler(ApiError, _refused)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -83,6 +96,24 @@ def create_app(
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _check_limits(
+    max_batch: int,
+    max_wait_ms: float,
+    max_upload_bytes: int,
+    max_pixels: int,
+    max_explanations: int,
+) -> None:
+    """Raises ValueError for a limit out of range (max_queue is the batcher's to check)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if max_wait_ms < 0:
+        raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+    if max_upload_bytes < 1 or max_pixels < 1:
+        raise ValueError("max_upload_bytes and max_pixels must be positive")
+    if max_explanations < 1:
+        raise ValueError(f"max_explanations must be at least 1, got {max_explanations}")
 
 
 @contextlib.asynccontextmanager
@@ -98,7 +129,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 # -- every error as {"error": "..."} ---------------------------------------------------------
 async def _refused(request: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse({"error": e.message}, e.status)
+    return JSONResponse({"error": e.message}, e.status, headers=e.headers)
 
 
 async def _http_error(request: Request, e: HTTPException) -> JSONResponse:

@@ -4,6 +4,8 @@ One worker takes up to `max_batch` queued images, waiting at most `max_wait_ms` 
 first for more (and only while other requests are still being read or decoded, so an idle
 service answers at once), and makes one model call. The model runs on a thread of its own,
 never two calls at once; anything else that needs the model runs there too, between batches.
+At most `max_queue` images wait: beyond that `submit` refuses with `QueueFull`. When a batch's
+model call fails, each of its images is retried alone, so one bad input fails only itself.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ T = TypeVar("T")
 Labels = list[tuple[str, float]]
 
 
+class QueueFull(Exception):
+    """The queue holds `max_queue` images already: the request is refused, not queued."""
+
+
 @dataclass
 class _Job:
     inputs: torch.Tensor  # (1, C, S, S), normalised
@@ -40,8 +46,18 @@ class MicroBatcher:
     the model is never used by two threads at once. Start and stop it inside the event loop.
     """
 
-    def __init__(self, model: ViT | OptimizedViT, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(
+        self,
+        model: ViT | OptimizedViT,
+        max_batch: int,
+        max_wait_ms: float,
+        max_queue: int | None = None,
+    ) -> None:
+        """`max_queue` (default 8 * max_batch): the most images waiting for a batch."""
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000
+        self.max_queue = 8 * max_batch if max_queue is None else max_queue
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {self.max_queue}")
         self.batch_sizes: Counter[int] = Counter()  # batch size -> how many batches
         self._device, self._dtype = model.input_spec()
         self._queue: asyncio.Queue[_Job] | None = None
@@ -59,7 +75,7 @@ class MicroBatcher:
         return self._queue.qsize() if self._queue is not None else 0
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(self.max_queue)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vitkit-model")
         self._task = asyncio.get_running_loop().create_task(self._run(self._queue))
 
@@ -84,9 +100,14 @@ class MicroBatcher:
             self._incoming -= 1
 
     def submit(self, inputs: torch.Tensor, k: int) -> asyncio.Future[Labels]:
-        """Queue one preprocessed image (1, C, S, S); the future gets its top-k labels."""
+        """Queue one preprocessed image (1, C, S, S); the future gets its top-k labels.
+
+        Raises `QueueFull` when `max_queue` images are waiting already.
+        """
         if not self.running or self._queue is None:
             raise RuntimeError("the batcher is not running; start it in the app's lifespan")
+        if self._queue.full():
+            raise QueueFull(f"{self.max_queue} images are waiting for the model already")
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(inputs, k, future))
         return future
@@ -104,14 +125,27 @@ class MicroBatcher:
                 k = max(job.k for job in jobs)
                 results = await self.call(self._infer, [job.inputs for job in jobs], k)
             except Exception as e:  # a failed model call fails its requests, not the service
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(e)
+                if len(jobs) == 1:
+                    _answer(jobs[0], e)
+                else:  # one bad input should not fail the others: each is retried alone
+                    await self._run_singly(jobs)
                 continue
             self.batch_sizes[len(jobs)] += 1
             for job, labels in zip(jobs, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(labels[: job.k])
+                _answer(job, labels)
+
+    async def _run_singly(self, jobs: list[_Job]) -> None:
+        """Each job in a model call of its own: only those whose own call fails get its error."""
+        for job in jobs:
+            if job.future.done():
+                continue
+            try:
+                labels = (await self.call(self._infer, [job.inputs], job.k))[0]
+            except Exception as e:
+                _answer(job, e)
+                continue
+            self.batch_sizes[1] += 1
+            _answer(job, labels)
 
     async def _collect(self, queue: asyncio.Queue[_Job]) -> list[_Job]:
         """The next batch: the first job to arrive, and those that follow within max_wait
@@ -136,3 +170,13 @@ class MicroBatcher:
         with torch.inference_mode():
             logits = self.model(torch.cat(inputs).to(self._device, self._dtype))
         return top_k_labels(logits, k, self.model.labels)
+
+
+def _answer(job: _Job, result: Labels | Exception) -> None:
+    """Gives the job its top-k labels or its exception, unless its client has gone away."""
+    if job.future.done():
+        return
+    if isinstance(result, Exception):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result[: job.k])

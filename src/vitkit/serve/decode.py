@@ -4,13 +4,16 @@ Every refusal is an `ApiError` whose status and message go back to the client as
 `{"error": "..."}`: a body over the size limit (413), a content type other than multipart,
 JSON or an image (415), malformed multipart, JSON or base64 (400), bytes that are not an
 image, an image cut short, a bad `top_k` (422), an image that declares more pixels than the
-limit (413; checked from its header, before anything is decoded).
+limit (413; checked from its header, before anything is decoded). A JSON body is parsed and
+its base64 decoded off the event loop, so a large one does not hold up other requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator
@@ -30,11 +33,12 @@ DEFAULT_MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo still fits
 
 
 class ApiError(Exception):
-    """A request the service refuses: the HTTP status, and a message for the client."""
+    """A request the service refuses: the HTTP status, a message for the client, and any
+    headers for the response (e.g. Retry-After with a 503)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 # -- the body -------------------------------------------------------------------------------
@@ -50,7 +54,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str
     if media == "multipart/form-data":
         return await _read_multipart(request, body)
     if media == "application/json" or media.endswith("+json"):
-        return _read_json(b"".join([chunk async for chunk in body]))
+        return await asyncio.to_thread(_read_json, b"".join([chunk async for chunk in body]))
     if media.startswith("image/") or media == "application/octet-stream":
         return b"".join([chunk async for chunk in body]), {}
     raise ApiError(
@@ -121,8 +125,10 @@ def decode_base64(text: str) -> bytes:
 
 def parse_top_k(value: object) -> int:
     """`top_k` from a query, form or JSON field: a positive integer."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    # isdecimal, not isdigit: "²" is a digit that int() refuses.
+    if isinstance(value, str) and value.strip().isdecimal():
+        with contextlib.suppress(ValueError):  # more digits than int() reads from a string
+            value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ApiError(422, f"top_k must be a positive integer, got {value!r}")
     return value

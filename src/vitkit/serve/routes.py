@@ -2,18 +2,21 @@
 the page. Each reads the `Service` the app keeps in `app.state.service`.
 
 Images are decoded and preprocessed per request, in a small thread pool, before they are
-queued for the batcher; explanations run on the model's thread, between batches.
+queued for the batcher; explanations run on the model's thread, between batches. A request
+that would wait beyond the batcher's queue, or beyond `max_explanations` explanations at once,
+gets 503 with Retry-After rather than piling up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -26,7 +29,7 @@ from PIL import Image
 from vitkit.data.preprocess import preprocess
 from vitkit.infer.explain import METHODS, explain_image
 from vitkit.model.vit import ViT
-from vitkit.serve.batcher import Labels, MicroBatcher
+from vitkit.serve.batcher import Labels, MicroBatcher, QueueFull
 from vitkit.serve.decode import ApiError, decode_image, parse_top_k, read_upload
 from vitkit.serve.schemas import (
     DEFAULT_TOP_K,
@@ -41,6 +44,8 @@ from vitkit.serve.schemas import (
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Decoding threads bound how many uploads are held decoded in memory at once.
 _DECODE_WORKERS = min(4, os.cpu_count() or 1)
+# A busy service's answer: the queue drains within about a second under normal load.
+_RETRY_AFTER = {"Retry-After": "1"}
 
 T = TypeVar("T")
 
@@ -60,9 +65,12 @@ class Service:
         max_upload_bytes: int,
         max_pixels: int,
         info: dict[str, Any],
+        max_explanations: int = 2,
     ) -> None:
         self.name, self.model, self.batcher, self.info = name, model, batcher, info
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
+        self.max_explanations = max_explanations
+        self._explaining = 0
         self._decoder: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
@@ -77,6 +85,29 @@ class Service:
     async def decode(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on a decoding thread."""
         return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        """Around one explanation: a 503 when `max_explanations` are running already, as each
+        holds the model's thread for far longer than a batch."""
+        if self._explaining >= self.max_explanations:
+            raise ApiError(
+                503,
+                f"{self.max_explanations} explanations are running already; retry shortly",
+                _RETRY_AFTER,
+            )
+        self._explaining += 1
+        try:
+            yield
+        finally:
+            self._explaining -= 1
+
+    def submit(self, inputs: torch.Tensor, k: int) -> asyncio.Future[Labels]:
+        """Queues the inputs for the batcher; a 503 when its queue is full."""
+        try:
+            return self.batcher.submit(inputs, k)
+        except QueueFull as e:
+            raise ApiError(503, f"the service is busy: {e}; retry shortly", _RETRY_AFTER) from None
 
     def inputs(self, data: bytes) -> torch.Tensor:
         """Uploaded bytes as the model's normalised (1, C, S, S) input."""
@@ -117,7 +148,7 @@ async def predict(request: Request, top_k: TopK = None) -> JSONResponse:
     with service.batcher.incoming():
         data, fields = await read_upload(request, service.max_upload_bytes)
         k = service.top_k(fields, top_k)
-        result = service.batcher.submit(await service.decode(service.inputs, data), k)
+        result = service.submit(await service.decode(service.inputs, data), k)
     labels = await result
     return JSONResponse(
         {"labels": label_rows(labels), "model": service.name, "latency_ms": _ms_since(start)}
@@ -141,13 +172,15 @@ async def explain(
     /v1/predict, plus `method` (default rollout) in the body or the query."""
     start = time.perf_counter()
     service = _service(request)
-    data, fields = await read_upload(request, service.max_upload_bytes)
-    k = service.top_k(fields, top_k)
-    how = fields.get("method", method or "rollout")
-    if how not in METHODS:
-        raise ApiError(422, f"method must be one of {', '.join(METHODS)}, got {how!r}")
-    pixels = await service.decode(decode_image, data, service.model.config, service.max_pixels)
-    labels, heatmap, png = await service.batcher.call(_explain, service.model, pixels, how, k)
+    with service.explaining():
+        data, fields = await read_upload(request, service.max_upload_bytes)
+        k = service.top_k(fields, top_k)
+        how = fields.get("method", method or "rollout")
+        if how not in METHODS:
+            raise ApiError(422, f"method must be one of {', '.join(METHODS)}, got {how!r}")
+        config, limit = service.model.config, service.max_pixels
+        pixels = await service.decode(decode_image, data, config, limit)
+        labels, heatmap, png = await service.batcher.call(_explain, service.model, pixels, how, k)
     rows, latency = label_rows(labels), _ms_since(start)
     if fmt == "json":
         return JSONResponse(

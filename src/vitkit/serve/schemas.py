@@ -38,6 +38,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "body over the size limit, or an image over the pixel limit"),
         (415, "a content type other than multipart/form-data, application/json or image/*"),
         (422, "not a readable image, or a bad parameter"),
+        (503, "too many requests waiting: retry after the Retry-After header's seconds"),
     ]
 }
 

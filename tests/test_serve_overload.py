@@ -1,0 +1,143 @@
+"""The service under overload and misuse: a full queue, too many explanations, a foreign Host."""
+
+import io
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from vitkit import create_model
+from vitkit.cli.serve import LOOPBACK_HOSTS
+from vitkit.model.vit import ViT
+from vitkit.serve.app import create_app
+
+LOCAL = "http://127.0.0.1:8000"
+
+
+def png(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)).save(
+        out, "PNG"
+    )
+    return out.getvalue()
+
+
+class Held:
+    """Holds every call of the model (prediction or explanation) until released; counts the
+    calls entered."""
+
+    def __init__(self, model: ViT) -> None:
+        self.entered, self.release = 0, threading.Event()
+        for name in ("forward", "forward_with_attention"):
+            setattr(model, name, self.held(getattr(model, name)))
+
+    def held(self, method: Callable[[torch.Tensor], object]) -> Callable[[torch.Tensor], object]:
+        def call(x: torch.Tensor) -> object:
+            self.entered += 1
+            self.release.wait(30)
+            return method(x)
+
+        return call
+
+
+@pytest.fixture
+def held():
+    model = create_model("Ti/4@28", width=64, depth=2, heads=2, seed=0).eval()
+    hold = Held(model)
+    yield model, hold
+    hold.release.set()
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def post(client: TestClient, path: str, seed: int):
+    files = {"file": ("image", png(seed), "image/png")}
+    return client.post(path, files=files)
+
+
+def test_a_full_queue_answers_503_and_loses_nothing(held):
+    model, hold = held
+    app = create_app(model, max_batch=1, max_wait_ms=0, max_queue=2)
+    with TestClient(app, base_url=LOCAL) as client, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(post, client, "/v1/predict", 0)
+        wait_until(lambda: hold.entered == 1)  # the first image holds the model
+        rest = [pool.submit(post, client, "/v1/predict", i) for i in range(1, 8)]
+        # Two wait in the queue; the other five are answered at once, while the model is held.
+        wait_until(lambda: sum(f.done() for f in rest) == 5)
+        start = time.perf_counter()
+        health = client.get("/healthz")
+        assert health.status_code == 200 and time.perf_counter() - start < 2
+        assert app.state.service.batcher.queued == 2
+        hold.release.set()
+        responses = [f.result(timeout=60) for f in [first, *rest]]
+    statuses = [r.status_code for r in responses]
+    assert sorted(statuses) == [200] * 3 + [503] * 5  # every request answered, none dropped
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert "busy" in response.json()["error"]
+        else:
+            assert len(response.json()["labels"]) == 5
+
+
+def test_explanations_beyond_the_bound_answer_503(held):
+    model, hold = held
+    app = create_app(model, max_explanations=2)
+    with TestClient(app, base_url=LOCAL) as client, ThreadPoolExecutor(4) as pool:
+        futures: list[Future] = [pool.submit(post, client, "/v1/explain", i) for i in range(4)]
+        # Two explanations are running (one in the model, one waiting for its thread).
+        wait_until(lambda: sum(f.done() for f in futures) == 2)
+        assert hold.entered == 1
+        hold.release.set()
+        responses = [f.result(timeout=60) for f in futures]
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200, 200, 503, 503]
+        refused = [r for r in responses if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" for r in refused)
+        assert "explanations are running" in refused[0].json()["error"]
+        assert post(client, "/v1/explain", 9).status_code == 200  # the slots are freed
+    with pytest.raises(ValueError, match="max_explanations"):
+        create_app(model, max_explanations=0)
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("evil.example", 400),
+        ("evil.example:8000", 400),
+        ("127.0.0.1:8000", 200),
+        ("localhost", 200),
+        ("localhost:8000", 200),
+        ("[::1]:8000", 200),
+    ],
+)
+def test_a_loopback_service_checks_the_host_header(held, host, status):
+    model, hold = held
+    hold.release.set()
+    app = create_app(model, allowed_hosts=LOOPBACK_HOSTS)
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.get("/healthz", headers={"Host": host}).status_code == status
+        response = client.post(
+            "/v1/predict",
+            content=png(0),
+            headers={"Host": host, "Content-Type": "image/png"},
+        )
+        assert response.status_code == status
+
+
+def test_any_host_without_allowed_hosts(held):
+    model, hold = held
+    hold.release.set()
+    with TestClient(create_app(model), base_url=LOCAL) as client:
+        assert client.get("/healthz", headers={"Host": "evil.example"}).status_code == 200
