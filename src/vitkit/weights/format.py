@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from vitkit.config import MAX_PARAMS, SIZE_LIMITS, ViTConfig
-from vitkit.model.vit import ViT, count_params, state_shapes
+from vitkit.model.vit import ViT, state_shapes
 from vitkit.rundir import CALIBRATION_FILE, CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 
 # Names that mean a model shipped inside the package (see `shipped/`).
@@ -158,13 +158,20 @@ def load_config(directory: str | Path) -> ViTConfig:
         config = ViTConfig.from_dict(read_json(path))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    params = count_params(config)  # each size is bounded; together they may still be too many
+    return config
+
+
+def _model_shapes(config: ViTConfig, path: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of the model's tensors (read off a model on the meta device), refusing a
+    config whose sizes, each within its bound, together make too many parameters."""
+    shapes = state_shapes(config)
+    params = sum(math.prod(shape) for shape in shapes.values())
     if params > MAX_PARAMS:
         raise CheckpointError(
             f"{path}: describes {params:,} parameters, more than the {MAX_PARAMS:,} vitkit "
             "builds (check width, depth, image_size and num_classes)"
         )
-    return config
+    return shapes
 
 
 def load_model(dir_or_name: str | Path, image_size: int | None = None) -> ViT:
@@ -175,9 +182,10 @@ def load_model(dir_or_name: str | Path, image_size: int | None = None) -> ViT:
     directory = resolve_model_dir(dir_or_name)
     with reading(directory):
         config = load_config(directory)
+        shapes = _model_shapes(config, directory / CONFIG_FILE)
         weights = directory / WEIGHTS_FILE
         header = read_header(weights)
-        check_weights(weights, header, state_shapes(config))
+        check_weights(weights, header, shapes)
         labels = load_labels(directory, config.num_classes)
         calibration = _calibration_header(directory, config.in_channels)
         model = ViT(config)
