@@ -55,11 +55,11 @@ def training_settings(model_dir: Path) -> dict[str, Any]:
     return settings if isinstance(settings, dict) else {}
 
 
-def trained_val_fraction(model_dir: Path) -> float:
-    """The fraction of its image folder that the model's training run held out (so that
-    evaluation sees the same held-out images), or the default when not known."""
+def trained_val_fraction(settings: dict[str, Any]) -> float:
+    """The fraction of its image folder that a training run (its `training_settings`) held
+    out, so that evaluation sees the same held-out images; the default when not known."""
     try:
-        fraction = float(training_settings(model_dir)["val_fraction"])
+        fraction = float(settings["val_fraction"])
     except (KeyError, TypeError, ValueError):
         return TrainConfig.val_fraction
     return fraction if 0.0 < fraction < 1.0 else TrainConfig.val_fraction

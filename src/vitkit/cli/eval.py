@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 from vitkit import data
-from vitkit.cli.common import add_precision_argument, default_out, note, trained_val_fraction
+from vitkit.cli.common import (
+    add_precision_argument,
+    default_out,
+    note,
+    trained_val_fraction,
+    training_settings,
+)
 from vitkit.evaluate import EvalReport, evaluate, save_report
 from vitkit.infer.optimize import optimize
 from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
@@ -59,7 +65,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         image_size=c.image_size,
         channels=c.in_channels,
         val_fraction=(
-            trained_val_fraction(directory) if args.val_fraction is None else args.val_fraction
+            trained_val_fraction(training_settings(directory))
+            if args.val_fraction is None
+            else args.val_fraction
         ),
     )
     if dataset.skipped:

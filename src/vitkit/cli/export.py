@@ -137,7 +137,7 @@ def _check_inputs(
             data_dir=data_dir,
             image_size=c.image_size,
             channels=c.in_channels,
-            val_fraction=trained_val_fraction(model_dir),
+            val_fraction=trained_val_fraction(settings),
         )
     except (ValueError, OSError) as e:  # DatasetError is a ValueError
         return None, f"its training data is not available ({e})"
