@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vitkit.rundir import ACCURACY_PLOT, LOSS_PLOT
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -77,7 +79,7 @@ def plot_curves(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, key in (("loss", "loss"), ("accuracy", "acc")):
+    for name, key, file in (("loss", "loss", LOSS_PLOT), ("accuracy", "acc", ACCURACY_PLOT)):
         fig = new_figure(figsize=(7, 4.5), layout="constrained")
         ax = fig.add_subplot()
         # Training metrics usually come every few steps, validation once an epoch: a thin
@@ -94,7 +96,7 @@ def plot_curves(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Pat
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        written.append(out_dir / f"{name}.png")
+        written.append(out_dir / file)
         fig.savefig(written[-1], dpi=110)
     return written
 
