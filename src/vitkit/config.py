@@ -61,14 +61,14 @@ class ViTConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(
-                    f"ViTConfig.{name} must be positive, got {_brief(getattr(self, name))}"
+                    f"ViTConfig.{name} must be positive, got {brief(getattr(self, name))}"
                 )
         if self.num_classes < 0 or self.num_registers < 0:
             raise ValueError("ViTConfig.num_classes and num_registers must be >= 0")
         for name, limit in SIZE_LIMITS.items():
             if getattr(self, name) > limit:
                 raise ValueError(
-                    f"ViTConfig.{name} must be at most {limit:,}, got {_brief(getattr(self, name))}"
+                    f"ViTConfig.{name} must be at most {limit:,}, got {brief(getattr(self, name))}"
                 )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
@@ -81,7 +81,7 @@ class ViTConfig:
             if stages > MAX_RESNET_STAGES or most > MAX_RESNET_BLOCKS:
                 raise ValueError(
                     f"ViTConfig.resnet_layers must have at most {MAX_RESNET_STAGES} stages of at "
-                    f"most {MAX_RESNET_BLOCKS} blocks, got {_brief(list(self.resnet_layers))}"
+                    f"most {MAX_RESNET_BLOCKS} blocks, got {brief(list(self.resnet_layers))}"
                 )
             if self.resnet_width <= 0 or self.resnet_width % 32:
                 raise ValueError("resnet_width must be a positive multiple of 32 (GroupNorm)")
@@ -227,16 +227,16 @@ def _check_floats(cfg: ViTConfig) -> None:
     for name in ("mlp_ratio", "ln_eps", "dropout", "attn_dropout", "drop_path", "mean", "std"):
         value = getattr(cfg, name)
         if not all(_finite(v) for v in (value if isinstance(value, tuple) else (value,))):
-            raise ValueError(f"ViTConfig.{name} must be finite, got {_brief(value)}")
+            raise ValueError(f"ViTConfig.{name} must be finite, got {brief(value)}")
     if not 0 < cfg.mlp_ratio <= MAX_MLP_RATIO:
         raise ValueError(
-            f"ViTConfig.mlp_ratio must be in (0, {MAX_MLP_RATIO}], got {_brief(cfg.mlp_ratio)}"
+            f"ViTConfig.mlp_ratio must be in (0, {MAX_MLP_RATIO}], got {brief(cfg.mlp_ratio)}"
         )
     if not 0 < cfg.ln_eps <= 1:
-        raise ValueError(f"ViTConfig.ln_eps must be in (0, 1], got {_brief(cfg.ln_eps)}")
+        raise ValueError(f"ViTConfig.ln_eps must be in (0, 1], got {brief(cfg.ln_eps)}")
 
 
-def _brief(value: Any) -> str:
+def brief(value: Any) -> str:
     """`value` for an error message, cut short: a hostile file's values can be megabytes."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -269,7 +269,7 @@ def _check_types(cfg: ViTConfig) -> None:
         value, hint = getattr(cfg, f.name), hints[f.name]
         if not is_instance(value, hint):
             raise ValueError(
-                f"ViTConfig.{f.name} must be {type_name(hint)}, got {_brief(value)} "
+                f"ViTConfig.{f.name} must be {type_name(hint)}, got {brief(value)} "
                 f"({type(value).__name__})"
             )
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vitkit.config import is_instance, type_name
+from vitkit.config import brief, is_instance, type_name
 from vitkit.data.transforms import AugmentConfig
 
 
@@ -80,8 +80,9 @@ def _check_types(cls: type, settings: dict[str, Any]) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in settings.items():
         if key != "augment" and not is_instance(value, hints[key]):
-            got = repr(value)[:100]  # a hostile file's values can be megabytes
-            raise ValueError(f"training setting {key} must be {type_name(hints[key])}, got {got}")
+            raise ValueError(
+                f"training setting {key} must be {type_name(hints[key])}, got {brief(value)}"
+            )
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from vitkit.config import ViTConfig
+from vitkit.config import ViTConfig, brief
 from vitkit.model.vit import ViT, state_shapes
 from vitkit.weights.foreign import read_state_dict
 from vitkit.weights.format import (
@@ -62,16 +62,16 @@ def config_from_hf(hf: Any, has_head: bool) -> tuple[ViTConfig, list[str] | None
         raise CheckpointError(f"a config must be a JSON object, got {type(hf).__name__}")
     if hf.get("model_type") != "vit":
         raise CheckpointError(
-            f"not a Hugging Face ViT config (model_type {repr(hf.get('model_type'))[:40]})"
+            f"not a Hugging Face ViT config (model_type {brief(hf.get('model_type'))})"
         )
     if hf.get("hidden_act", "gelu") != "gelu":
-        act = repr(hf["hidden_act"])[:40]
+        act = brief(hf["hidden_act"])
         raise CheckpointError(f"hidden_act {act} is not supported (only gelu)")
     labels = _labels(hf.get("id2label")) if has_head else None
     width, channels = _size(hf, "hidden_size", 768), _size(hf, "num_channels", 3)
     eps = hf.get("layer_norm_eps", 1e-12)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        raise CheckpointError(f"layer_norm_eps must be a number, got {repr(eps)[:40]}")
+        raise CheckpointError(f"layer_norm_eps must be a number, got {brief(eps)}")
     config = ViTConfig(
         image_size=_size(hf, "image_size", 224),
         patch_size=_size(hf, "patch_size", 16),
@@ -93,7 +93,7 @@ def config_from_hf(hf: Any, has_head: bool) -> tuple[ViTConfig, list[str] | None
 def _size(hf: dict[str, Any], key: str, default: int) -> int:
     value = hf.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise CheckpointError(f"{key} must be a positive integer, got {repr(value)[:40]}")
+        raise CheckpointError(f"{key} must be a positive integer, got {brief(value)}")
     return value
 
 
