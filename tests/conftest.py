@@ -1,8 +1,12 @@
-"""Shared test set-up: thread pools sized for parallel workers, timm as an oracle."""
+"""Shared test set-up: thread pools sized for parallel workers, a private compile cache, timm
+as an oracle."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +18,10 @@ from vitkit.benchmark import declare_torchvision_ops, import_timm
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+# Compiled models built by tests (and by the servers they start) go to a cache of their own.
+os.environ["VITKIT_CACHE"] = tempfile.mkdtemp(prefix="vitkit-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VITKIT_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

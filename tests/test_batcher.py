@@ -11,7 +11,8 @@ import torch
 from vitkit import create_model
 from vitkit.infer.labels import top_k
 from vitkit.model.vit import ViT
-from vitkit.serve.batcher import MicroBatcher, QueueFull
+from vitkit.serve.batcher import Answer, MicroBatcher, QueueFull
+from vitkit.serve.engine import Engine
 
 
 @pytest.fixture
@@ -55,9 +56,10 @@ class Spy:
         return self.forward(x)
 
 
-def assert_same(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> None:
-    assert [label for label, _ in got] == [label for label, _ in want]
-    np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-5)
+def assert_same(got: Answer, want: list[tuple[str, float]]) -> None:
+    assert got.mode == "eager-fp32"
+    assert [label for label, _ in got.labels] == [label for label, _ in want]
+    np.testing.assert_allclose([p for _, p in got.labels], [p for _, p in want], atol=1e-5)
 
 
 def test_full_batches_keep_each_request_its_own_answer(model):
@@ -65,7 +67,7 @@ def test_full_batches_keep_each_request_its_own_answer(model):
     with torch.inference_mode():
         want = [top_k(model(x), k, model.labels)[0] for x, k in zip(xs, ks, strict=True)]
     spy = Spy(model)
-    batcher = MicroBatcher(model, max_batch=2, max_wait_ms=1000)
+    batcher = MicroBatcher(Engine(model, "fp32", 2), max_batch=2, max_wait_ms=1000)
 
     async def test():
         batcher.start()
@@ -80,13 +82,13 @@ def test_full_batches_keep_each_request_its_own_answer(model):
     assert spy.sizes == [2, 2, 1]
     assert batcher.batch_sizes == {2: 2, 1: 1}
     for got, wanted, k in zip(results, want, ks, strict=True):
-        assert len(got) == k
+        assert len(got.labels) == k
         assert_same(got, wanted)
 
 
 def test_an_idle_batcher_does_not_wait(model):
     spy = Spy(model)
-    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=10_000)
+    batcher = MicroBatcher(Engine(model, "fp32", 8), max_batch=8, max_wait_ms=10_000)
 
     async def test():
         batcher.start()
@@ -102,7 +104,7 @@ def test_an_idle_batcher_does_not_wait(model):
 
 def test_a_batch_waits_for_requests_on_their_way(model):
     spy = Spy(model)
-    batcher = MicroBatcher(model, max_batch=2, max_wait_ms=10_000)
+    batcher = MicroBatcher(Engine(model, "fp32", 2), max_batch=2, max_wait_ms=10_000)
     first, second = images(2)
 
     async def test():
@@ -124,7 +126,7 @@ def test_a_batch_waits_for_requests_on_their_way(model):
 
 def test_a_batch_waits_no_longer_than_max_wait(model):
     spy = Spy(model)
-    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=200)
+    batcher = MicroBatcher(Engine(model, "fp32", 8), max_batch=8, max_wait_ms=200)
 
     async def test():
         batcher.start()
@@ -141,7 +143,7 @@ def test_a_batch_waits_no_longer_than_max_wait(model):
 
 def test_a_failed_batch_is_retried_one_image_at_a_time(model):
     spy = Spy(model, fail_first=True)
-    batcher = MicroBatcher(model, max_batch=2, max_wait_ms=0)
+    batcher = MicroBatcher(Engine(model, "fp32", 2), max_batch=2, max_wait_ms=0)
 
     async def test():
         batcher.start()
@@ -153,7 +155,7 @@ def test_a_failed_batch_is_retried_one_image_at_a_time(model):
 
     results, running = asyncio.run(test())
     # A failure that was the batch's, not an image's: every request is answered after all.
-    assert all(isinstance(r, list) and len(r) == 2 for r in results)
+    assert all(isinstance(r, Answer) and len(r.labels) == 2 for r in results)
     assert running and spy.sizes == [2, 1, 1, 1]
     assert batcher.batch_sizes == {1: 3}  # the failed batch is not counted
 
@@ -164,7 +166,7 @@ def test_a_bad_input_fails_only_its_own_request(model):
     with torch.inference_mode():
         want = [top_k(model(x), 2, model.labels)[0] for x in (good, other)]
     spy = Spy(model, fail_nan=True)
-    batcher = MicroBatcher(model, max_batch=3, max_wait_ms=0)
+    batcher = MicroBatcher(Engine(model, "fp32", 3), max_batch=3, max_wait_ms=0)
 
     async def test():
         batcher.start()
@@ -182,7 +184,7 @@ def test_a_bad_input_fails_only_its_own_request(model):
 
 def test_a_full_queue_refuses_instead_of_queueing(model):
     spy = Spy(model, hold=True)
-    batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0, max_queue=2)
+    batcher = MicroBatcher(Engine(model, "fp32", 1), max_batch=1, max_wait_ms=0, max_queue=2)
 
     async def test():
         batcher.start()
@@ -207,16 +209,16 @@ def test_a_full_queue_refuses_instead_of_queueing(model):
         results, again = asyncio.run(test())
     finally:
         spy.release.set()
-    assert len(results) == 3 and len(again) == 1
+    assert len(results) == 3 and len(again.labels) == 1
     assert spy.sizes == [1, 1, 1, 1]
-    assert MicroBatcher(model, max_batch=4, max_wait_ms=0).max_queue == 32
+    assert MicroBatcher(Engine(model, "fp32", 4), max_batch=4, max_wait_ms=0).max_queue == 32
     with pytest.raises(ValueError, match="max_queue"):
-        MicroBatcher(model, max_batch=4, max_wait_ms=0, max_queue=0)
+        MicroBatcher(Engine(model, "fp32", 4), max_batch=4, max_wait_ms=0, max_queue=0)
 
 
 def test_requests_gone_away_are_not_computed(model):
     spy = Spy(model)
-    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=0)
+    batcher = MicroBatcher(Engine(model, "fp32", 8), max_batch=8, max_wait_ms=0)
 
     async def test():
         batcher.start()
@@ -232,7 +234,7 @@ def test_requests_gone_away_are_not_computed(model):
 
 def test_calls_share_the_model_thread(model):
     spy = Spy(model)
-    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=0)
+    batcher = MicroBatcher(Engine(model, "fp32", 8), max_batch=8, max_wait_ms=0)
 
     async def test():
         batcher.start()
@@ -249,7 +251,7 @@ def test_calls_share_the_model_thread(model):
 
 def test_stop_ends_the_worker(model):
     spy = Spy(model, hold=True)
-    batcher = MicroBatcher(model, max_batch=1, max_wait_ms=0)
+    batcher = MicroBatcher(Engine(model, "fp32", 1), max_batch=1, max_wait_ms=0)
 
     async def test():
         assert not batcher.running and batcher.queued == 0

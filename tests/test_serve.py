@@ -443,7 +443,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "stderr.txt"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            # fp32: int8 would spend a minute compiling (tests/test_optimize.py covers it).
+            # fp32, eager: compiling would spend a minute (tests/test_compiled.py covers it).
             [
                 sys.executable,
                 "-c",
@@ -453,6 +453,7 @@ def server(tmp_path_factory):
                 "0",
                 "--precision",
                 "fp32",
+                "--no-compile",
                 "--log-level",
                 "warning",
             ],

@@ -1,19 +1,28 @@
-"""The service under overload and misuse: a full queue, too many explanations, a foreign Host."""
+"""The service under overload and misuse: a full queue, too many explanations, a foreign Host,
+clients that stall mid-body, too many connections."""
 
+import argparse
+import base64
+import contextlib
+import functools
 import io
+import json
+import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.serving import read_answer, real_server, send_part
 from vitkit import create_model
-from vitkit.cli.serve import LOOPBACK_HOSTS
+from vitkit.cli.serve import LOOPBACK_HOSTS, add_serve_command, server_options
 from vitkit.model.vit import ViT
 from vitkit.serve.app import create_app
 
@@ -141,3 +150,93 @@ def test_any_host_without_allowed_hosts(held):
     hold.release.set()
     with TestClient(create_app(model), base_url=LOCAL) as client:
         assert client.get("/healthz", headers={"Host": "evil.example"}).status_code == 200
+
+
+# -- a real server: slow clients, a full queue, too many connections ----------------------
+def multipart(image: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body with `image` as its file part: (body, content type)."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--b--\r\n"
+    )
+    return body, "multipart/form-data; boundary=b"
+
+
+def trickle(conn: socket.socket, stop: threading.Event) -> None:
+    """Sends a byte every 0.2 s, until stopped or the server closes the connection: a
+    timeout per chunk would never fire."""
+    with contextlib.suppress(OSError):
+        while not stop.wait(0.2):
+            conn.send(b"x")
+
+
+def test_a_stalled_body_gets_408_while_others_are_served(held):
+    model, hold = held
+    hold.release.set()
+    app = create_app(model, read_timeout_s=1)
+    image = png(0)
+    bodies = [
+        (image, "image/png"),
+        multipart(image),
+        (json.dumps({"image": base64.b64encode(image).decode()}).encode(), "application/json"),
+    ]
+    stop = threading.Event()
+    with real_server(app) as (url, _), ThreadPoolExecutor(1) as pool:
+        start = time.monotonic()
+        stalled = [send_part(url, body, kind, len(body) // 2) for body, kind in bodies]
+        slow = send_part(url, b"\0" * 100_000, "image/png", 10)
+        pool.submit(trickle, slow, stop)
+        try:
+            served = httpx.post(f"{url}/v1/predict", files={"file": ("x", image)}, timeout=30)
+            served_at = time.monotonic()
+            assert served.status_code == 200 and len(served.json()["labels"]) == 5
+            answers = [read_answer(conn, 10) for conn in [*stalled, slow]]
+        finally:
+            stop.set()
+    for answer in answers:
+        assert answer.status == 408, answer
+        assert "did not all arrive within 1 s" in answer.json()["error"]
+        assert answer.headers["connection"] == "close"
+        # Not before the deadline, not long after it, and after the other client's answer.
+        assert 0.9 < answer.at - start < 5 and answer.at > served_at
+
+
+def test_a_full_queue_refuses_before_reading_the_body(held):
+    model, hold = held
+    # A long read timeout: a request that waited for its body would not be answered in time.
+    app = create_app(model, max_batch=1, max_wait_ms=0, max_queue=1, read_timeout_s=60)
+    with real_server(app) as (url, _), ThreadPoolExecutor(2) as pool:
+        request = functools.partial(
+            httpx.post, f"{url}/v1/predict", files={"file": ("x", png(0))}, timeout=60
+        )
+        first = pool.submit(request)
+        wait_until(lambda: hold.entered == 1)  # the first image holds the model
+        second = pool.submit(request)
+        wait_until(lambda: app.state.service.batcher.queued == 1)  # the second fills the queue
+        start = time.monotonic()
+        refused = read_answer(send_part(url, png(1), "image/png", 0), 10)
+        assert refused.status == 503 and refused.at - start < 5
+        assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["error"]
+        hold.release.set()
+        assert first.result(60).status_code == 200 and second.result(60).status_code == 200
+
+
+def test_connections_beyond_max_connections_get_503(held):
+    model, hold = held
+    hold.release.set()
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    args = parser.parse_args(["serve", "m", "--max-connections", "3", "--log-level", "error"])
+    options = server_options(args)
+    assert options["limit_concurrency"] == 3 and options["timeout_keep_alive"] == 5
+    app = create_app(model, read_timeout_s=1)
+    with real_server(app, **options) as (url, server):
+        image = png(0)
+        stalled = [send_part(url, image, "image/png", 10) for _ in range(2)]
+        wait_until(lambda: len(server.server_state.connections) == 2)
+        busy = httpx.post(f"{url}/v1/predict", content=image, headers={"content-type": "image/png"})
+        assert busy.status_code == 503  # the third connection reaches the limit
+        assert all(read_answer(conn, 10).status == 408 for conn in stalled)
+        wait_until(lambda: not server.server_state.connections)  # the slots are freed
+        ok = httpx.post(f"{url}/v1/predict", content=image, headers={"content-type": "image/png"})
+        assert ok.status_code == 200

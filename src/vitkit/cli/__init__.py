@@ -16,6 +16,7 @@ from vitkit.cli.explain import add_explain_command
 from vitkit.cli.export import add_export_command
 from vitkit.cli.info import add_info_command
 from vitkit.cli.models import add_models_command
+from vitkit.cli.optimize import add_optimize_command
 from vitkit.cli.predict import add_predict_command
 from vitkit.cli.serve import add_serve_command
 from vitkit.cli.train import add_train_commands
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_command(sub)
     add_explain_command(sub)
     add_export_command(sub)
+    add_optimize_command(sub)
     add_serve_command(sub)
     add_bench_command(sub)
     add_convert_command(sub)

@@ -12,7 +12,14 @@ A file is decoded by these rules (`load_image`):
    0, the empty background of MNIST-style data.
 4. Grey becomes RGB by repetition and RGB becomes grey by luma (ITU-R 601), to `channels`.
 5. The shorter side is resized to `image_size` (bicubic unless told otherwise) and the centre
-   square is kept.
+   square is kept. An image more than four times `image_size` on its shorter side is first
+   reduced by a whole factor (block averages, as Pillow's `reducing_gap` does) to no less than
+   twice `image_size`, a strip at a time before step 3, so that a 16-bit, float, palette or
+   transparent image never has a full-size float or RGBA copy made of it.
+
+Only the first frame of an animated or multi-page file (GIF, TIFF, APNG, WebP, MPO) is read;
+the others are never decoded. An image larger than a pixel limit, by its declared size or by a
+TIFF tile that libtiff would decode whole, is refused before anything is decoded (`check_pixels`).
 
 A batch of such images becomes a model's input by `preprocess`: float in [0, 1], channels
 matched, centre-cropped, resized with the model's filter, then `(x - mean) / std`.
@@ -20,6 +27,7 @@ matched, centre-cropped, resized with the model's filter, then `(x - mean) / std
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from collections.abc import Sequence
@@ -29,7 +37,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from vitkit.config import ViTConfig
 from vitkit.data.dataset import DatasetError
@@ -52,6 +60,28 @@ class UnreadableImage(DatasetError):
         self.path, self.reason = str(path), reason
 
 
+class ImageTooLarge(ValueError):
+    """An image over a pixel limit, by its declared size or by a part its decoder fills whole."""
+
+
+# Reduction leaves at least this many times image_size on the shorter side, so the resize that
+# follows changes the size by at least 2x: Pillow's `reducing_gap` default for thumbnails,
+# "indistinguishable from fair resampling in most cases".
+_REDUCING_GAP = 2
+# Pixels converted at a time when reducing: bounds the float and RGBA copies made by `_to_8bit`.
+_STRIP_PIXELS = 1 << 20
+# TIFF tags: libtiff decodes a tiled image a tile at a time, each into a buffer of the declared
+# tile size, however small the image (a 16 x 16 image with 32768 x 32768 tiles takes 1 GiB).
+_TILE_WIDTH, _TILE_LENGTH = 322, 323
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, which has no FIFOs to open
 _FILE_KINDS = (
@@ -74,18 +104,31 @@ def load_image(
     channels: int = 3,
     image_size: int = 224,
     interpolation: str = "bicubic",
+    *,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
-    """One image as uint8 (channels, image_size, image_size), decoded by the module's rules."""
+    """One image as uint8 (channels, image_size, image_size), decoded by the module's rules.
+
+    An image over `max_pixels` (see `check_pixels`) is refused before it is decoded: with
+    `ImageTooLarge` for a PIL image, `UnreadableImage` for a file. By default a file's limit is
+    Pillow's own (twice `Image.MAX_IMAGE_PIXELS`), a PIL image's none.
+    """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if interpolation not in _RESAMPLE:
         raise ValueError(f"interpolation must be one of {', '.join(_RESAMPLE)}")
     resample = _RESAMPLE[interpolation]
     if isinstance(source, Image.Image):
+        if max_pixels is not None:
+            check_pixels(source, max_pixels)
         return _to_tensor(_decode(source, channels, image_size, resample))
     path = Path(source)
+    if max_pixels is None and Image.MAX_IMAGE_PIXELS:
+        max_pixels = 2 * int(Image.MAX_IMAGE_PIXELS)  # where Image.open raises its bomb error
     try:
         with _open_regular(path) as f, Image.open(f, formats=IMAGE_FORMATS) as img:
+            if max_pixels is not None:
+                check_pixels(img, max_pixels)
             # JPEGs can decode straight at a reduced scale that still covers image_size.
             img.draft(None, (image_size, image_size))
             return _to_tensor(_decode(img, channels, image_size, resample))
@@ -95,6 +138,46 @@ def load_image(
     # Pillow's decoders raise many exception types on broken input; all mean "unreadable".
     except Exception as e:
         raise UnreadableImage(path, str(e) or type(e).__name__) from None
+
+
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """Raises `ImageTooLarge` if an opened image declares more than `max_pixels` pixels, or has
+    a part its decoder fills whole (a tile) that does. Nothing is decoded.
+
+    The declared size is that of the frame decoded (the first): a GIF's, as Pillow reports it,
+    grows to cover a first frame larger than its logical screen.
+    """
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {w} x {h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
+        )
+    # A frame larger than the image, where Pillow does not grow the image to cover it.
+    for tile in getattr(img, "tile", None) or ():
+        extents = tile[1]  # a tuple before Pillow 11, a named tuple since
+        if extents is None:
+            continue
+        x0, y0, x1, y1 = extents
+        if (x1 - x0) * (y1 - y0) > max_pixels:
+            raise ImageTooLarge(
+                f"a tile of the image is {x1 - x0} x {y1 - y0} pixels, over the limit of "
+                f"{max_pixels:,}"
+            )
+    tags = getattr(img, "tag_v2", None)  # a TIFF's tags
+    if tags is not None:
+        tw, tl = (_first_int(tags.get(tag)) for tag in (_TILE_WIDTH, _TILE_LENGTH))
+        if tw * tl > max_pixels:
+            raise ImageTooLarge(
+                f"the image declares tiles of {tw} x {tl} = {tw * tl:,} pixels, decoded whole, "
+                f"over the limit of {max_pixels:,}"
+            )
+
+
+def _first_int(value: object) -> int:
+    """A TIFF tag's value as an int (0 if absent or not a number)."""
+    if isinstance(value, tuple):
+        value = value[0] if value else 0
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -120,16 +203,62 @@ def _check_regular(mode: int) -> None:
 def _decode(
     img: Image.Image, channels: int, image_size: int, resample: Image.Resampling
 ) -> Image.Image:
-    img = _to_8bit(ImageOps.exif_transpose(img))
-    img = img.convert("L" if channels == 1 else "RGB")
+    img.load()  # a PNG's eXIf chunk may follow its pixels
+    method = _ORIENTATION.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    if method is not None:
+        # Oriented before reducing, so reduction's blocks line up with the output's edges.
+        # A copy, but oriented images are nearly always JPEGs, already decoded at a reduced scale.
+        img = img.transpose(method)
     w, h = img.size
-    if (w, h) == (image_size, image_size):
-        return img
+    side = min(w, h)
+    factor = max(1, side // (_REDUCING_GAP * image_size))
+    mode = "L" if channels == 1 else "RGB"
     # Cropping the centre square in source coordinates and resizing it in one step is the same
     # as "shorter side to image_size, then centre crop", without rounding the size in between.
-    side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    if factor == 1 and w * h <= (2 * _REDUCING_GAP * image_size) ** 2:
+        # No larger than a square that would be reduced: converted at once, as it always was.
+        img = _to_8bit(img).convert(mode)
+        if (w, h) == (image_size, image_size):
+            return img
+        return img.resize((image_size, image_size), resample, box=box)
+    # Only the square and what the filter reaches around it (bicubic: 2 output pixels, and a
+    # block more for rounding) are converted, in whole blocks of the reduction: a panorama's
+    # far ends never are.
+    reach = 2 * side / image_size + factor
+    x0 = max(0, math.floor((box[0] - reach) / factor) * factor)
+    y0 = max(0, math.floor((box[1] - reach) / factor) * factor)
+    x1 = min(w, math.ceil((box[2] + reach) / factor) * factor)
+    y1 = min(h, math.ceil((box[3] + reach) / factor) * factor)
+    img = _reduced(img, mode, factor, (x0, y0, x1, y1))
+    # Pixel i of the reduced image covers source pixels x0 + i * factor to x0 + (i + 1) * factor.
+    box = (
+        (box[0] - x0) / factor,
+        (box[1] - y0) / factor,
+        (box[2] - x0) / factor,
+        (box[3] - y0) / factor,
+    )
     return img.resize((image_size, image_size), resample, box=box)
+
+
+def _reduced(
+    img: Image.Image, mode: str, factor: int, region: tuple[int, int, int, int]
+) -> Image.Image:
+    """The `region` of `img` as 8-bit `mode` ("L" or "RGB"), `factor` times smaller by block
+    averages (a partial block at the image's far edges averages the pixels there).
+
+    Converted a strip of rows at a time, each a multiple of `factor` high: the same pixels as
+    converting the whole region and then reducing it, without the full-size float or RGBA
+    copies that converting it at once would make.
+    """
+    x0, y0, x1, y1 = region
+    out = Image.new(mode, (-(-(x1 - x0) // factor), -(-(y1 - y0) // factor)))
+    rows = max(1, _STRIP_PIXELS // ((x1 - x0) * factor)) * factor
+    for top in range(y0, y1, rows):
+        strip = img.crop((x0, top, x1, min(y1, top + rows)))  # keeps palette and transparency
+        part = _to_8bit(strip).convert(mode)
+        out.paste(part.reduce(factor) if factor > 1 else part, (0, (top - y0) // factor))
+    return out
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -154,7 +154,12 @@ def optimize(
 
 def compile_int8(model: ViT, calibration: torch.Tensor) -> nn.Module:
     """Static int8 quantisation (PT2E, x86 inductor quantiser), compiled with inductor."""
+    return torch.compile(quantized_graph(model, calibration), dynamic=False)
 
+
+def quantized_graph(model: ViT, calibration: torch.Tensor) -> nn.Module:
+    """The model as an exported graph with int8 encoder linears, calibrated on `calibration`
+    (see the module's docstring); it runs as it is, and fast once inductor compiles it."""
     with _quiet_loggers("torchao", "torch.utils._pytree"):  # CUDA-only parts, deprecations
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -176,8 +181,7 @@ def compile_int8(model: ViT, calibration: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         for chunk in images.split(32):
             prepared(chunk)
-    quantized = convert_pt2e(prepared)
-    return torch.compile(quantized, dynamic=False)
+    return convert_pt2e(prepared)
 
 
 @contextlib.contextmanager

@@ -21,10 +21,17 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vitkit import __version__
-from vitkit.infer.optimize import optimize
 from vitkit.model.vit import ViT
+from vitkit.serve.auth import add_access_control, check_access
 from vitkit.serve.batcher import MicroBatcher
-from vitkit.serve.decode import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ApiError
+from vitkit.serve.decode import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    ApiError,
+    default_max_pixels,
+)
+from vitkit.serve.engine import Engine
 from vitkit.serve.routes import STATIC_DIR, Service, router
 from vitkit.serve.schemas import model_info
 from vitkit.weights.format import load_model, resolve_model_dir
@@ -37,7 +44,7 @@ def create_app(
     max_batch: int = 32,
     max_wait_ms: float = 5,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     *,
     max_queue: int | None = None,
     max_explanations: int = 2,
@@ -45,17 +52,37 @@ def create_app(
     device: str | torch.device = "cpu",
     name: str | None = None,
     precision: str = "fp32",
+    api_key: str | None = None,
+    cors_origins: list[str] | None = None,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    compile: bool = False,
+    compiled_dir: str | Path | None = None,
 ) -> FastAPI:
     """The service for one model: a `ViT`, a model directory, or a shipped model's name.
 
     `name` (default: the directory's name, or "model") is reported with every prediction.
     `precision` is that of `vitkit.optimize` for predictions ("auto" in `vitkit serve`);
-    explanations always run in fp32. Beyond `max_queue` images waiting for the model (default
-    8 * max_batch), or `max_explanations` explanations at once, a request gets 503 with
-    Retry-After. `allowed_hosts` (default: any) are the Host header values accepted, with any
-    port; others get 400. The `Service` is `app.state.service`.
+    explanations always run in fp32. A compiled package for the model, precision, batch
+    range and CPU (in vitkit's cache, or in `compiled_dir`) serves as soon as it is loaded;
+    with `compile`, one is built in the background where there is none, the eager model
+    serving meanwhile (see `vitkit.serve.engine`).
+
+    Beyond `max_queue` images waiting for the model (default 8 * max_batch), or
+    `max_explanations` explanations at once, a request gets 503 with Retry-After.
+    `allowed_hosts` (default: any) are the Host header values accepted, with any port; others
+    get 400. The `Service` is `app.state.service`. `max_pixels` (default: by the model's input
+    size, `default_max_pixels`) is the largest image, by its declared size.
+
+    With `api_key`, requests other than the page, its files, the health checks and the API's
+    description need `Authorization: Bearer API_KEY` (else 401); `cors_origins` are the web
+    origins whose pages may call the API (none by default). An upload that has not all
+    arrived `read_timeout_s` after its reading began gets 408.
     """
     _check_limits(max_batch, max_wait_ms, max_upload_bytes, max_pixels, max_explanations)
+    if not read_timeout_s > 0:
+        raise ValueError(f"read_timeout_s must be positive, got {read_timeout_s}")
+    check_access(api_key, cors_origins)  # before the model is loaded: a bad key fails fast
+    directory = None
     if isinstance(model_dir_or_model, ViT):
         model, name = model_dir_or_model, name or "model"
     else:
@@ -66,9 +93,18 @@ def create_app(
             f"{name}: the model has no classification head (num_classes=0), so it has no "
             "labels to serve; serve a classifier"
         )
+    if max_pixels is None:  # a 32-pixel model has no use for a 50-megapixel upload
+        max_pixels = default_max_pixels(model.config.image_size)
     model = model.to(device).eval()
-    fast = optimize(model, precision)
-    batcher = MicroBatcher(fast, max_batch, max_wait_ms, max_queue)
+    engine = Engine(
+        model,
+        precision,
+        max_batch,
+        compile=compile,
+        compiled_dir=Path(compiled_dir) if compiled_dir is not None else None,
+        source_dir=directory,
+    )
+    batcher = MicroBatcher(engine, max_batch, max_wait_ms, max_queue)
     limits = {
         "max_batch": max_batch,
         "max_wait_ms": max_wait_ms,
@@ -76,8 +112,10 @@ def create_app(
         "max_explanations": max_explanations,
         "max_upload_bytes": max_upload_bytes,
         "max_pixels": max_pixels,
+        "read_timeout_s": read_timeout_s,
     }
-    info = model_info(name, model, fast.precision, limits)
+    info = model_info(name, model, engine.eager.precision, limits)
+    info["auth"] = "bearer" if api_key is not None else None
     app = FastAPI(
         title="vitkit",
         summary=f"Classify images with the Vision Transformer {name!r}.",
@@ -85,8 +123,9 @@ def create_app(
         lifespan=_lifespan,
     )
     app.state.service = Service(
-        name, model, batcher, max_upload_bytes, max_pixels, info, max_explanations
+        name, model, batcher, max_upload_bytes, max_pixels, info, max_explanations, read_timeout_s
     )
+    add_access_control(app, api_key, cors_origins)  # added first: inside the Host check
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.add_exception_handler(ApiError, _refused)
@@ -102,7 +141,7 @@ def _check_limits(
     max_batch: int,
     max_wait_ms: float,
     max_upload_bytes: int,
-    max_pixels: int,
+    max_pixels: int | None,
     max_explanations: int,
 ) -> None:
     """Raises ValueError for a limit out of range (max_queue is the batcher's to check)."""
@@ -110,7 +149,7 @@ def _check_limits(
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     if max_wait_ms < 0:
         raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
-    if max_upload_bytes < 1 or max_pixels < 1:
+    if max_upload_bytes < 1 or (max_pixels is not None and max_pixels < 1):
         raise ValueError("max_upload_bytes and max_pixels must be positive")
     if max_explanations < 1:
         raise ValueError(f"max_explanations must be at least 1, got {max_explanations}")

@@ -4,6 +4,7 @@ One worker takes up to `max_batch` queued images, waiting at most `max_wait_ms` 
 first for more (and only while other requests are still being read or decoded, so an idle
 service answers at once), and makes one model call. The model runs on a thread of its own,
 never two calls at once; anything else that needs the model runs there too, between batches.
+Each answer carries the mode that computed it (`Engine.predict`'s second value).
 At most `max_queue` images wait: beyond that `submit` refuses with `QueueFull`. When a batch's
 model call fails, each of its images is retried alone, so one bad input fails only itself.
 """
@@ -16,16 +17,29 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
 from vitkit.infer.labels import top_k as top_k_labels
-from vitkit.infer.optimize import OptimizedViT
-from vitkit.model.vit import ViT
 
 T = TypeVar("T")
 Labels = list[tuple[str, float]]
+
+
+class Answer(NamedTuple):
+    labels: Labels  # top-k (label, probability), most probable first
+    mode: str  # what computed them, e.g. "eager-fp32" or "compiled-int8"
+
+
+class Predictor(Protocol):
+    """What the batcher runs: `vitkit.serve.engine.Engine`, or anything with its interface."""
+
+    labels: list[str] | None
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, str]: ...
+
+    def input_spec(self) -> tuple[torch.device, torch.dtype]: ...
 
 
 class QueueFull(Exception):
@@ -36,7 +50,7 @@ class QueueFull(Exception):
 class _Job:
     inputs: torch.Tensor  # (1, C, S, S), normalised
     k: int
-    future: asyncio.Future[Labels]
+    future: asyncio.Future[Answer]
 
 
 class MicroBatcher:
@@ -48,7 +62,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        model: ViT | OptimizedViT,
+        model: Predictor,
         max_batch: int,
         max_wait_ms: float,
         max_queue: int | None = None,
@@ -73,6 +87,11 @@ class MicroBatcher:
     def queued(self) -> int:
         """Images waiting for a batch."""
         return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def full(self) -> bool:
+        """Whether `submit` would refuse an image now: `max_queue` are waiting."""
+        return self._queue is not None and self._queue.full()
 
     def start(self) -> None:
         self._queue = asyncio.Queue(self.max_queue)
@@ -99,8 +118,9 @@ class MicroBatcher:
         finally:
             self._incoming -= 1
 
-    def submit(self, inputs: torch.Tensor, k: int) -> asyncio.Future[Labels]:
-        """Queue one preprocessed image (1, C, S, S); the future gets its top-k labels.
+    def submit(self, inputs: torch.Tensor, k: int) -> asyncio.Future[Answer]:
+        """Queue one preprocessed image (1, C, S, S); the future gets its top-k labels and
+        the mode that computed them.
 
         Raises `QueueFull` when `max_queue` images are waiting already.
         """
@@ -131,8 +151,8 @@ class MicroBatcher:
                     await self._run_singly(jobs)
                 continue
             self.batch_sizes[len(jobs)] += 1
-            for job, labels in zip(jobs, results, strict=True):
-                _answer(job, labels)
+            for job, answer in zip(jobs, results, strict=True):
+                _answer(job, answer)
 
     async def _run_singly(self, jobs: list[_Job]) -> None:
         """Each job in a model call of its own: only those whose own call fails get its error."""
@@ -140,12 +160,12 @@ class MicroBatcher:
             if job.future.done():
                 continue
             try:
-                labels = (await self.call(self._infer, [job.inputs], job.k))[0]
+                answer = (await self.call(self._infer, [job.inputs], job.k))[0]
             except Exception as e:
                 _answer(job, e)
                 continue
             self.batch_sizes[1] += 1
-            _answer(job, labels)
+            _answer(job, answer)
 
     async def _collect(self, queue: asyncio.Queue[_Job]) -> list[_Job]:
         """The next batch: the first job to arrive, and those that follow within max_wait
@@ -166,17 +186,18 @@ class MicroBatcher:
                 break
         return jobs
 
-    def _infer(self, inputs: list[torch.Tensor], k: int) -> list[Labels]:
+    def _infer(self, inputs: list[torch.Tensor], k: int) -> list[Answer]:
         with torch.inference_mode():
-            logits = self.model(torch.cat(inputs).to(self._device, self._dtype))
-        return top_k_labels(logits, k, self.model.labels)
+            logits, mode = self.model.predict(torch.cat(inputs).to(self._device, self._dtype))
+        return [Answer(labels, mode) for labels in top_k_labels(logits, k, self.model.labels)]
 
 
-def _answer(job: _Job, result: Labels | Exception) -> None:
-    """Gives the job its top-k labels or its exception, unless its client has gone away."""
+def _answer(job: _Job, result: Answer | Exception) -> None:
+    """Gives the job its answer (its own top k) or its exception, unless its client has gone
+    away."""
     if job.future.done():
         return
     if isinstance(result, Exception):
         job.future.set_exception(result)
     else:
-        job.future.set_result(result[: job.k])
+        job.future.set_result(Answer(result.labels[: job.k], result.mode))

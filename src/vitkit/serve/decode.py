@@ -1,7 +1,8 @@
 """An upload, from request body to model pixels, within the service's limits.
 
 Every refusal is an `ApiError` whose status and message go back to the client as
-`{"error": "..."}`: a body over the size limit (413), a content type other than multipart,
+`{"error": "..."}`: a body over the size limit (413) or not all sent within the read
+timeout (408), a content type other than multipart,
 JSON or an image (415), malformed multipart, JSON or base64 (400), bytes that are not an
 image, an image cut short, a bad `top_k` (422), an image that declares more pixels than the
 limit (413; checked from its header, before anything is decoded). A JSON body is parsed and
@@ -26,10 +27,12 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from vitkit.config import ViTConfig
-from vitkit.data.preprocess import IMAGE_FORMATS, load_image
+from vitkit.data.preprocess import IMAGE_FORMATS, ImageTooLarge, check_pixels, load_image
 
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo still fits
+DEFAULT_MAX_PIXELS = 50_000_000  # the most the default allows: a 48-megapixel photo fits
+MIN_DEFAULT_MAX_PIXELS = 4096 * 4096  # the least: a 12-megapixel photo fits any model
+DEFAULT_READ_TIMEOUT_S = 10.0  # a full 16 MiB upload in time needs about 13 Mbit/s
 
 
 class ApiError(Exception):
@@ -42,15 +45,18 @@ class ApiError(Exception):
 
 
 # -- the body -------------------------------------------------------------------------------
-async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
-    """The image bytes of a multipart, JSON or raw-image request, and its other fields."""
+async def read_upload(
+    request: Request, max_bytes: int, timeout_s: float = DEFAULT_READ_TIMEOUT_S
+) -> tuple[bytes, dict[str, Any]]:
+    """The image bytes of a multipart, JSON or raw-image request, and its other fields; a 408
+    when the body has not all arrived `timeout_s` after reading it began."""
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise ApiError(
             413, f"the body is {int(length):,} bytes, over the limit of {max_bytes:,} bytes"
         )
-    body = _limited_body(request, max_bytes)
+    body = _limited_body(request, max_bytes, timeout_s)
     if media == "multipart/form-data":
         return await _read_multipart(request, body)
     if media == "application/json" or media.endswith("+json"):
@@ -65,12 +71,30 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, dict[str
     )
 
 
-async def _limited_body(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+async def _limited_body(request: Request, max_bytes: int, timeout_s: float) -> AsyncIterator[bytes]:
     """The body, chunk by chunk, stopped with a 413 as soon as it passes the limit (a chunked
-    body has no Content-Length to check first)."""
+    body has no Content-Length to check first) or with a 408 at the deadline, `timeout_s`
+    after the first chunk is asked for."""
+    # One deadline for the whole body, not a timeout per chunk: a client that trickles a byte
+    # every few seconds passes any per-chunk timeout and holds its connection for as long as
+    # it likes (slowloris). The deadline covers only the waits for the next chunk, never a
+    # `yield`, so it cannot fire inside the consumer (the multipart parser) instead.
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    chunks = request.stream()
     size = 0
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    f"the body did not all arrive within {timeout_s:g} s",
+                    {"Connection": "close"},  # the rest of the body is never read
+                ) from None
             size += len(chunk)
             if size > max_bytes:
                 raise ApiError(413, f"the body is over the limit of {max_bytes:,} bytes")
@@ -139,7 +163,8 @@ def decode_image(data: bytes, config: ViTConfig, max_pixels: int) -> torch.Tenso
     """Uploaded bytes as the model's uint8 (C, S, S) pixels, by `load_image`'s rules.
 
     Raises `ApiError` for bytes that are not an image of `IMAGE_FORMATS`, an image that
-    cannot be decoded (truncated, corrupt), or one that declares more than `max_pixels`.
+    cannot be decoded (truncated, corrupt), or one that declares more than `max_pixels` (413;
+    see `check_pixels`). Only the first frame of a multi-frame image is decoded.
     """
     if not data:
         raise ApiError(422, "the image is empty (0 bytes)")
@@ -153,16 +178,26 @@ def decode_image(data: bytes, config: ViTConfig, max_pixels: int) -> torch.Tenso
             422, f"not an image, or not one of the formats read here ({', '.join(IMAGE_FORMATS)})"
         ) from None
     with img:
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ApiError(
-                413, f"the image is {w} x {h} = {w * h:,} pixels, over the limit of {max_pixels:,}"
-            )
         s = config.image_size
         try:
+            # By the size declared (a GIF's grown to its first frame) and TIFF tiles.
+            check_pixels(img, max_pixels)
             img.draft(None, (s, s))  # as load_image does for files: JPEGs decode at reduced scale
             return load_image(img, config.in_channels, s, config.interpolation)
+        except ImageTooLarge as e:
+            raise ApiError(413, str(e)) from None
         except Image.DecompressionBombError as e:  # e.g. a frame larger than the image
             raise ApiError(413, f"the image is over the pixel limit: {e}") from None
         except Exception as e:
             raise ApiError(422, f"cannot decode the image: {str(e) or type(e).__name__}") from None
+
+
+def default_max_pixels(image_size: int) -> int:
+    """The pixel limit for a model taking `image_size` x `image_size` inputs, when none is set:
+    (64 x the input's side) squared, within [`MIN_DEFAULT_MAX_PIXELS`, `DEFAULT_MAX_PIXELS`].
+
+    Decoding holds the decoded frame (at most 4 bytes a pixel) and small strips of it, so the
+    limit bounds the memory of each decode: about 67 MB at the floor, 200 MB at the cap. A
+    32-pixel model gets the floor; a 224-pixel one the cap.
+    """
+    return min(DEFAULT_MAX_PIXELS, max(MIN_DEFAULT_MAX_PIXELS, (64 * image_size) ** 2))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import torch
 from fastapi import APIRouter, Query, Request
@@ -29,8 +29,15 @@ from PIL import Image
 from vitkit.data.preprocess import preprocess
 from vitkit.infer.explain import METHODS, explain_image
 from vitkit.model.vit import ViT
-from vitkit.serve.batcher import Labels, MicroBatcher, QueueFull
-from vitkit.serve.decode import ApiError, decode_image, parse_top_k, read_upload
+from vitkit.serve.batcher import Answer, Labels, MicroBatcher, QueueFull
+from vitkit.serve.decode import (
+    DEFAULT_READ_TIMEOUT_S,
+    ApiError,
+    decode_image,
+    parse_top_k,
+    read_upload,
+)
+from vitkit.serve.engine import Engine
 from vitkit.serve.schemas import (
     DEFAULT_TOP_K,
     ERRORS,
@@ -66,18 +73,32 @@ class Service:
         max_pixels: int,
         info: dict[str, Any],
         max_explanations: int = 2,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ) -> None:
         self.name, self.model, self.batcher, self.info = name, model, batcher, info
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
+        self.read_timeout_s = read_timeout_s
         self.max_explanations = max_explanations
         self._explaining = 0
         self._decoder: ThreadPoolExecutor | None = None
+        self._compiling: asyncio.Task[None] | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return cast(Engine, self.batcher.model)
 
     def start(self) -> None:
         self._decoder = ThreadPoolExecutor(_DECODE_WORKERS, thread_name_prefix="vitkit-decode")
         self.batcher.start()
+        # Loading (or building) the compiled model must not delay the first answers.
+        self._compiling = asyncio.get_running_loop().create_task(self.engine.run())
 
     async def stop(self) -> None:
+        if self._compiling is not None:
+            self._compiling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._compiling
+        await self.engine.stop()
         await self.batcher.stop()
         if self._decoder is not None:
             self._decoder.shutdown(wait=False, cancel_futures=True)
@@ -102,7 +123,7 @@ class Service:
         finally:
             self._explaining -= 1
 
-    def submit(self, inputs: torch.Tensor, k: int) -> asyncio.Future[Labels]:
+    def submit(self, inputs: torch.Tensor, k: int) -> asyncio.Future[Answer]:
         """Queues the inputs for the batcher; a 503 when its queue is full."""
         try:
             return self.batcher.submit(inputs, k)
@@ -145,13 +166,25 @@ async def predict(request: Request, top_k: TopK = None) -> JSONResponse:
     `top_k` (default 5) may come in the body or the query."""
     start = time.perf_counter()
     service = _service(request)
+    if service.batcher.full:  # refused before its upload is read: waiting for it buys nothing
+        raise ApiError(
+            503,
+            f"the service is busy: {service.batcher.max_queue} images are waiting for the "
+            "model already; retry shortly",
+            _RETRY_AFTER,
+        )
     with service.batcher.incoming():
-        data, fields = await read_upload(request, service.max_upload_bytes)
+        data, fields = await read_upload(request, service.max_upload_bytes, service.read_timeout_s)
         k = service.top_k(fields, top_k)
         result = service.submit(await service.decode(service.inputs, data), k)
-    labels = await result
+    answer = await result
     return JSONResponse(
-        {"labels": label_rows(labels), "model": service.name, "latency_ms": _ms_since(start)}
+        {
+            "labels": label_rows(answer.labels),
+            "model": service.name,
+            "mode": answer.mode,
+            "latency_ms": _ms_since(start),
+        }
     )
 
 
@@ -173,7 +206,7 @@ async def explain(
     start = time.perf_counter()
     service = _service(request)
     with service.explaining():
-        data, fields = await read_upload(request, service.max_upload_bytes)
+        data, fields = await read_upload(request, service.max_upload_bytes, service.read_timeout_s)
         k = service.top_k(fields, top_k)
         how = fields.get("method", method or "rollout")
         if how not in METHODS:
@@ -211,7 +244,11 @@ def _explain(
 
 @router.get("/v1/model", summary="The model: configuration, labels, preprocessing, limits")
 async def model_info(request: Request) -> dict[str, Any]:
-    return _service(request).info
+    service = _service(request)
+    engine = service.engine
+    compiled = engine.compiled
+    precision = compiled.precision if compiled else engine.eager.precision
+    return {**service.info, "precision": precision, "mode": engine.mode}
 
 
 @router.get("/v1/stats", summary="How requests have been batched")
@@ -234,6 +271,22 @@ async def healthz(request: Request) -> JSONResponse:
     if not service.batcher.running:
         return JSONResponse({"status": "down", "error": "the model worker has stopped"}, 503)
     return JSONResponse({"status": "ok", "model": service.name})
+
+
+@router.get("/readyz", summary="Which mode serves each batch size; whether compiling is done")
+async def readyz(
+    request: Request,
+    full_speed: Annotated[
+        bool, Query(description="answer 503 until the compiled model serves")
+    ] = False,
+) -> JSONResponse:
+    """200 when the service answers predictions (from the eager model at first; `mode` says
+    which). With `full_speed=true`, 503 until a compiled model serves, for a load balancer
+    that should send traffic only then."""
+    service = _service(request)
+    status = service.engine.status()
+    ready = service.batcher.running and (not full_speed or service.engine.compiled is not None)
+    return JSONResponse({"ready": ready, "model": service.name, **status}, 200 if ready else 503)
 
 
 @router.get("/", include_in_schema=False)

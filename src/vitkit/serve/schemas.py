@@ -35,6 +35,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": why}
     for status, why in [
         (400, "malformed multipart, JSON or base64"),
+        (401, "no API key, or a wrong one, where the service has one (Authorization: Bearer)"),
+        (408, "the body did not all arrive within the read timeout"),
         (413, "body over the size limit, or an image over the pixel limit"),
         (415, "a content type other than multipart/form-data, application/json or image/*"),
         (422, "not a readable image, or a bad parameter"),

@@ -3,8 +3,10 @@
 
 const $ = (id) => document.getElementById(id);
 const TOP_K = 5;
+const KEY_ITEM = "vitkit-api-key"; // in sessionStorage: kept until the tab is closed
 
 let current = null; // the image being shown (a File)
+let keyWanted = null; // { promise, resolve } while the page waits for an API key
 let run = 0; // answers to an older choice are dropped
 const urls = { preview: null, overlay: null };
 
@@ -24,10 +26,55 @@ function setError(message) {
   $("error").hidden = !message;
 }
 
+// The page asks for the key when the service first answers 401, once for all the calls
+// refused together, and sends it with every call after.
+function askForKey(refused) {
+  if (!keyWanted) {
+    let resolve;
+    const promise = new Promise((r) => {
+      resolve = r;
+    });
+    keyWanted = { promise, resolve };
+    $("key-message").textContent = refused
+      ? "That API key was refused. Enter the service's key:"
+      : "This service needs an API key:";
+    $("key-form").hidden = false;
+    $("key").focus();
+  }
+  return keyWanted.promise;
+}
+
+function keyEntered(event) {
+  event.preventDefault();
+  const key = $("key").value.trim();
+  if (!key || !keyWanted) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  $("key").value = "";
+  $("key-form").hidden = true;
+  const { resolve } = keyWanted;
+  keyWanted = null;
+  resolve();
+}
+
+// fetch, with the API key as a bearer token once there is one; a 401 asks for the key and
+// calls again.
+async function api(path, init = {}) {
+  for (;;) {
+    const sent = sessionStorage.getItem(KEY_ITEM);
+    const headers = sent === null ? {} : { Authorization: `Bearer ${sent}` };
+    const response = await fetch(path, { ...init, headers });
+    if (response.status !== 401) return response;
+    const now = sessionStorage.getItem(KEY_ITEM);
+    if (now !== null && now !== sent) continue; // a key came in meanwhile: try that
+    if (now !== null) sessionStorage.removeItem(KEY_ITEM); // this key was refused
+    await askForKey(sent !== null);
+  }
+}
+
 async function post(path, file, params) {
   const body = new FormData();
   body.append("file", file);
-  const response = await fetch(`${path}?${new URLSearchParams(params)}`, { method: "POST", body });
+  const response = await api(`${path}?${new URLSearchParams(params)}`, { method: "POST", body });
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try {
@@ -117,7 +164,7 @@ async function reexplain() {
 
 async function describeModel() {
   try {
-    const model = await (await fetch("/v1/model")).json();
+    const model = await (await api("/v1/model")).json();
     const p = model.preprocessing;
     const colour = p.channels === 1 ? "greyscale" : "colour";
     $("model-info").textContent =
@@ -135,6 +182,7 @@ function setUp() {
     if (file) classify(file);
   });
   $("method").addEventListener("change", reexplain);
+  $("key-form").addEventListener("submit", keyEntered);
   for (const type of ["dragenter", "dragover"]) {
     drop.addEventListener(type, () => drop.classList.add("dragging"));
   }

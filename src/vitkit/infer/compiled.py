@@ -1,0 +1,369 @@
+"""Compiled models kept on disk: AOTInductor packages, built once and loaded in milliseconds.
+
+A package (`<precision>-<key>.pt2`) is the model compiled by inductor for one precision and
+a range of batch sizes (1 to `max_batch`, one compile for all), with a signature beside it
+(`<precision>-<key>.json`): the model's content hash, the precision, the batch range, the
+torch and vitkit versions and the CPU's features. The signature is checked before a package
+is opened, so one built for another model, CPU or torch is rebuilt, never run.
+
+A package is native code. vitkit loads packages only from its own cache (`cache_dir()`, a
+directory owned by this user that no one else can write) or from a path the user names;
+a package that arrives inside a model directory is never loaded on its own.
+
+`auto` builds the candidates this CPU may run fast (int8 where it has int8 dot products and
+the model carries calibration images, bf16 where it has fast bf16, else fp32), measures each
+on the batch sizes a service runs, and keeps the fastest; int8 must beat the others by
+`INT8_MARGIN`, as it costs some accuracy. The choice and its reason are recorded beside the
+packages (`auto-<key>.json`), so the next start loads the winner at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitkit import __version__
+from vitkit.infer.optimize import quantized_graph
+from vitkit.model.vit import ViT
+from vitkit.runtime import cpu_flags, fast_precisions
+from vitkit.weights.format import CheckpointError, atomic_write, one_line, read_json
+
+FORMAT = 1
+# The CPU features that change what inductor generates or which kernels oneDNN picks.
+CPU_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+# int8 is kept only when this much faster than the best other candidate.
+INT8_MARGIN = 1.1
+# Batches a package is measured on: one image, and the largest batch it takes.
+TIMED_CALLS = 10
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StalePackage(CheckpointError):
+    """A package that must not be run here: missing, torn, untrusted, or built for another
+    model, precision, CPU or torch version (the message says which)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """What a package was built for; a package runs only where all of it matches."""
+
+    model: str  # sha256 of the config, labels and weights
+    precision: str
+    max_batch: int
+    torch: str = torch.__version__
+    vitkit: str = __version__
+    machine: str = platform.machine()
+    cpu: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, model: ViT, precision: str, max_batch: int) -> Signature:
+        return cls(model_digest(model), precision, max_batch, cpu=cpu_features())
+
+    @property
+    def key(self) -> str:
+        """A short name for the signature, unique to it (the file names' suffix)."""
+        text = json.dumps(self.as_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "cpu": list(self.cpu), "format": FORMAT}
+
+    def mismatch(self, found: object) -> str | None:
+        """Why the signature `found` (read from a file) differs from this one, or None."""
+        if not isinstance(found, dict):
+            return "its signature is not a JSON object"
+        expected = self.as_dict()
+        for name in ("format", "model", "precision", "max_batch", "torch", "vitkit", "machine"):
+            if found.get(name) != expected[name]:
+                return f"built for {name} {found.get(name)!r}, not {expected[name]!r}"
+        if found.get("cpu") != expected["cpu"]:
+            return "built on a CPU with other features"
+        return None
+
+
+def model_digest(model: ViT) -> str:
+    """sha256 of everything a compiled model depends on: configuration, labels, weights."""
+    digest = hashlib.sha256(model.config.to_json().encode())
+    digest.update(json.dumps(model.labels).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The CPU's name and the features in CPU_FEATURES it has."""
+    return (_cpu_name(), *sorted(set(CPU_FEATURES) & cpu_flags()))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cache_dir() -> Path:
+    """Where vitkit keeps the packages it builds: $VITKIT_CACHE, else the user's cache."""
+    root = os.environ.get("VITKIT_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    base = Path(root) if root else Path.home() / ".cache"
+    return (base if os.environ.get("VITKIT_CACHE") else base / "vitkit") / "compiled"
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created if missing, checked to be a directory of this user's that no one else
+    may write (a package there is run as native code)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise StalePackage(f"{path}: not a directory")
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StalePackage(
+            f"{path}: owned by another user or writable by others; compiled models are "
+            "native code, so vitkit does not load them from there"
+        )
+    return path
+
+
+def package_path(directory: Path, signature: Signature) -> Path:
+    return directory / f"{signature.precision}-{signature.key}.pt2"
+
+
+def _signature_file(package: Path) -> Path:
+    return package.with_suffix(".json")
+
+
+# -- building -------------------------------------------------------------------------------
+def build_package(model: ViT, signature: Signature, directory: Path) -> Path:
+    """Compiles `model` for the signature's precision and batch range into `directory`.
+
+    The package is written under a temporary name and renamed; the signature file, written
+    last, is what marks it complete.
+    """
+    precision, n = signature.precision, signature.max_batch
+    c = model.config
+    example = torch.zeros(min(2, n), c.in_channels, c.image_size, c.image_size)
+    net = _graph(model, precision)
+    if precision == "bf16":
+        example = example.bfloat16()
+    # One compile for every batch size from 1 to max_batch.
+    batch = torch.export.Dim("batch", min=1, max=max(n, 2))
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+    path = package_path(directory, signature)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # aoti wants .pt2
+    # Freezing folds the weights into constants prepacked for oneDNN (int8 needs it).
+    torch._inductor.aoti_compile_and_package(
+        program, package_path=str(partial), inductor_configs={"freezing": True}
+    )
+    os.replace(partial, path)
+    record = {**signature.as_dict(), "compile_seconds": round(time.perf_counter() - start, 1)}
+    atomic_write(_signature_file(path), json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def _graph(model: ViT, precision: str) -> torch.nn.Module:
+    """The network to compile for `precision` (the source model is left as it is)."""
+    if precision == "int8":
+        if model.calibration is None:
+            raise ValueError("int8 needs calibration images; a model trained by vitkit has them")
+        return quantized_graph(model, model.calibration)
+    net = copy.deepcopy(model).cpu().eval()
+    return net.to(torch.bfloat16) if precision == "bf16" else net.float()
+
+
+# -- loading --------------------------------------------------------------------------------
+def load_package(path: Path, expected: Signature) -> Runner:
+    """The compiled model in `path`, if its signature matches `expected`.
+
+    Raises StalePackage, naming the file and the reason, for a missing, torn or mismatched
+    package; the package itself is not opened then. The runner takes normalised fp32
+    images (any batch from 1 to max_batch) and returns fp32 logits.
+    """
+    sig_file = _signature_file(path)
+    if not path.is_file() or not sig_file.is_file():
+        raise StalePackage(f"{path}: no complete package")
+    try:
+        found = read_json(sig_file)
+    except CheckpointError as e:
+        raise StalePackage(str(e)) from None
+    reason = expected.mismatch(found)
+    if reason is not None:
+        raise StalePackage(f"{path}: {reason}")
+    try:
+        runner = torch._inductor.aoti_load_package(str(path))
+    except Exception as e:  # a package torn after its signature was written
+        raise StalePackage(f"{path}: cannot load: {one_line(str(e))}") from None
+    dtype = torch.bfloat16 if expected.precision == "bf16" else torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return runner(x.to(dtype)).float()
+
+    return run
+
+
+def images_per_second(run: Runner, model: ViT, batch_size: int) -> float:
+    """Measured throughput of `run` on batches of `batch_size` (after one warm-up call)."""
+    c = model.config
+    x = torch.randn(batch_size, c.in_channels, c.image_size, c.image_size)
+    run(x)
+    start = time.perf_counter()
+    for _ in range(TIMED_CALLS):
+        run(x)
+    return batch_size * TIMED_CALLS / (time.perf_counter() - start)
+
+
+# -- auto: the fastest that pays ---------------------------------------------------------------
+def auto_candidates(model: ViT) -> list[str]:
+    """The precisions `auto` compiles and measures on this CPU."""
+    fast = [p for p in fast_precisions("cpu") if p != "int8" or model.calibration is not None]
+    return fast if "bf16" in fast else [*fast, "fp32"]
+
+
+def choose(speeds: dict[str, dict[int, float]]) -> tuple[str, str]:
+    """The precision to serve from measured images/s per batch size, and why.
+
+    Each candidate is scored by the geometric mean of its throughputs (one image, a full
+    batch), so neither a lone request nor a busy service is sacrificed; int8 must win by
+    INT8_MARGIN."""
+    scores = {p: _geometric_mean(list(s.values())) for p, s in speeds.items()}
+    others = {p: v for p, v in scores.items() if p != "int8"}
+    best = max(others, key=others.__getitem__) if others else "int8"
+    if "int8" in scores and (not others or scores["int8"] >= INT8_MARGIN * others[best]):
+        best = "int8"
+    shown = "; ".join(
+        f"{p}: " + ", ".join(f"{v:.0f} img/s at batch {b}" for b, v in s.items())
+        for p, s in speeds.items()
+    )
+    if "int8" in scores and best != "int8":
+        why = f"int8 is not {INT8_MARGIN:.1f}x faster than {best} here ({shown})"
+    else:
+        why = f"fastest measured ({shown})"
+    return best, why
+
+
+def _geometric_mean(values: list[float]) -> float:
+    product = 1.0
+    for v in values:
+        product *= v
+    return product ** (1 / len(values))
+
+
+def _choice_file(directory: Path, signature: Signature) -> Path:
+    auto = dataclasses.replace(signature, precision="auto")
+    return directory / f"auto-{auto.key}.json"
+
+
+def _read_choice(path: Path, expected: Signature) -> tuple[str, str] | None:
+    """The recorded auto choice (precision, why) for `expected` (precision "auto"), if any."""
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+    except CheckpointError:
+        return None
+    if not isinstance(record, dict) or expected.mismatch(record.get("signature")) is not None:
+        return None
+    choice, why = record.get("choice"), record.get("why")
+    if choice not in ("fp32", "bf16", "int8") or not isinstance(why, str):
+        return None
+    return choice, why
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A loaded package: the runner, its precision, its file, and why it was chosen."""
+
+    run: Runner
+    precision: str
+    path: Path
+    why: str
+
+
+def find_compiled(model: ViT, precision: str, max_batch: int, directory: Path) -> Compiled:
+    """The package in `directory` for `precision` ("auto": the recorded choice), loaded.
+
+    Raises StalePackage when there is none that may run here; nothing is built."""
+    signature = Signature.of(model, precision, max_batch)
+    why = "asked for"
+    if precision == "auto":
+        choice = _read_choice(_choice_file(directory, signature), signature)
+        if choice is None:
+            raise StalePackage(f"{directory}: no measured choice for this model and CPU")
+        precision, why = choice
+        signature = dataclasses.replace(signature, precision=precision)
+    path = package_path(directory, signature)
+    return Compiled(load_package(path, signature), precision, path, why)
+
+
+def build_compiled(
+    model: ViT, precision: str, max_batch: int, directory: Path, log: Callable[[str], None]
+) -> Compiled:
+    """The package for `precision` in `directory`, built where missing or stale; for "auto",
+    every candidate is built and measured and the fastest recorded (see the module's
+    docstring). `log` gets a line per step."""
+    base = Signature.of(model, precision, max_batch)
+    wanted = auto_candidates(model) if precision == "auto" else [precision]
+    built: dict[str, Compiled] = {}
+    for p in wanted:
+        signature = dataclasses.replace(base, precision=p)
+        path = package_path(directory, signature)
+        try:
+            built[p] = Compiled(load_package(path, signature), p, path, "asked for")
+            log(f"{p}: compiled already ({path})")
+        except StalePackage as e:
+            stale = f" (replacing {e})" if path.exists() else ""
+            log(f"{p}: compiling for batches of 1 to {max_batch}{stale}...")
+            start = time.perf_counter()
+            build_package(model, signature, directory)
+            built[p] = Compiled(load_package(path, signature), p, path, "asked for")
+            log(f"{p}: compiled in {time.perf_counter() - start:.0f} s into {path}")
+    if precision != "auto":
+        return built[precision]
+    if len(built) == 1:
+        choice, why = wanted[0], f"the only precision that runs fast on this CPU ({_cpu_name()})"
+    else:
+        sizes = sorted({1, max_batch})
+        speeds = {
+            p: {n: images_per_second(c.run, model, n) for n in sizes} for p, c in built.items()
+        }
+        choice, why = choose(speeds)
+    _write_choice(_choice_file(directory, base), base, choice, why)
+    log(f"auto: {choice}: {why}")
+    built[choice].why = why
+    return built[choice]
+
+
+def _write_choice(path: Path, signature: Signature, choice: str, why: str) -> None:
+    record = {"signature": signature.as_dict(), "choice": choice, "why": why}
+    atomic_write(path, json.dumps(record, indent=1) + "\n")
