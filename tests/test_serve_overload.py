@@ -1,13 +1,16 @@
 """The service under overload and misuse: a full queue, too many explanations, a foreign Host,
-clients that stall mid-body, too many connections."""
+clients that stall mid-body, too many connections, a flood of uploads, explanations beside
+predictions."""
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import functools
 import io
 import json
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +28,7 @@ from vitkit import create_model
 from vitkit.cli.serve import LOOPBACK_HOSTS, add_serve_command, server_options
 from vitkit.model.vit import ViT
 from vitkit.serve.app import create_app
+from vitkit.weights.format import load_model
 
 LOCAL = "http://127.0.0.1:8000"
 
@@ -240,3 +244,94 @@ def test_connections_beyond_max_connections_get_503(held):
         wait_until(lambda: not server.server_state.connections)  # the slots are freed
         ok = httpx.post(f"{url}/v1/predict", content=image, headers={"content-type": "image/png"})
         assert ok.status_code == 200
+
+
+@pytest.mark.slow
+def test_two_hundred_uploads_against_a_blocked_model(held):
+    """Every one of 200 concurrent uploads is answered: those beyond the model and its queue
+    at once with 503, the rest once the model is free; /healthz stays fast meanwhile."""
+    model, hold = held
+    app = create_app(model, max_batch=4, max_wait_ms=0, max_queue=16)
+    image = png(0)
+
+    async def flood(url: str) -> tuple[list[httpx.Response], float]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+            tasks = [
+                asyncio.ensure_future(
+                    client.post("/v1/predict", content=image, headers={"content-type": "image/png"})
+                )
+                for _ in range(200)
+            ]
+            # The model holds its first batch (up to 4) and the queue is full (16): the other
+            # 180 or more are refused while the model is still blocked.
+            while sum(t.done() for t in tasks) < 180:
+                await asyncio.sleep(0.01)
+            assert hold.entered == 1
+            start = time.perf_counter()
+            health = await client.get("/healthz")
+            health_s = time.perf_counter() - start
+            assert health.status_code == 200
+            hold.release.set()
+            return await asyncio.gather(*tasks), health_s
+
+    with real_server(app) as (url, _):
+        responses, health_s = asyncio.run(flood(url))
+    statuses = [r.status_code for r in responses]
+    # All answered; served: the 16 queued and the first batch (1 to 4 images, by timing).
+    assert statuses.count(200) + statuses.count(503) == 200
+    assert 17 <= statuses.count(200) <= 20, statuses
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
+    assert health_s < 0.1, f"/healthz took {health_s * 1000:.0f} ms under overload"
+
+
+@pytest.mark.slow
+def test_predictions_go_on_while_explanations_run():
+    """With grad-rollout explanations always running (and more refused), a prediction's
+    latency stays within twice its idle latency plus 50 ms: explanations have a thread and
+    a core of their own."""
+    model = load_model("fashion-mnist")
+    app = create_app(model, max_explanations=2)
+    image = png(0)
+
+    def latencies(client: httpx.Client, n: int) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            r = client.post("/v1/predict", content=image, headers={"content-type": "image/png"})
+            times.append(time.perf_counter() - start)
+            assert r.status_code == 200
+        return statistics.median(times)
+
+    def explain(url: str, stop: threading.Event, counts: list[int]) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while not stop.is_set():
+                r = client.post(
+                    "/v1/explain?method=grad-rollout&format=json",
+                    content=image,
+                    headers={"content-type": "image/png"},
+                )
+                counts.append(r.status_code)
+                if r.status_code == 503:  # as a client should: wait before retrying
+                    stop.wait(0.2)
+
+    with real_server(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        latencies(client, 5)  # warm-up
+        # Rounds of idle then busy, each judged on its own: the machine's other load (tests
+        # run in parallel) shifts both; explanations that hold up predictions fail every round.
+        rounds = []
+        for _ in range(3):
+            idle = latencies(client, 15)
+            stop, counts = threading.Event(), []
+            with ThreadPoolExecutor(10) as pool:
+                for _ in range(10):
+                    pool.submit(explain, url, stop, counts)
+                wait_until(lambda c=counts: c.count(200) >= 2)  # explanations are being computed
+                busy = latencies(client, 15)
+                stop.set()
+            assert 503 in counts  # more than max_explanations were asked for
+            rounds.append((busy, idle))
+            if busy <= 2 * idle + 0.05:
+                break
+    shown = ", ".join(f"{b * 1000:.0f} ms against {i * 1000:.0f} ms idle" for b, i in rounds)
+    assert busy <= 2 * idle + 0.05, shown

@@ -2,7 +2,8 @@
 the page. Each reads the `Service` the app keeps in `app.state.service`.
 
 Images are decoded and preprocessed per request, in a small thread pool, before they are
-queued for the batcher; explanations run on the model's thread, between batches. A request
+queued for the batcher. Explanations (an fp32 pass, a backward pass for grad-rollout) run one
+at a time on a thread of their own, with one core, so predictions go on meanwhile. A request
 that would wait beyond the batcher's queue, or beyond `max_explanations` explanations at once,
 gets 503 with Retry-After rather than piling up.
 """
@@ -82,6 +83,7 @@ class Service:
         self._explaining = 0
         self._decoder: ThreadPoolExecutor | None = None
         self._compiling: asyncio.Task[None] | None = None
+        self._explainer: ThreadPoolExecutor | None = None
 
     @property
     def engine(self) -> Engine:
@@ -89,6 +91,10 @@ class Service:
 
     def start(self) -> None:
         self._decoder = ThreadPoolExecutor(_DECODE_WORKERS, thread_name_prefix="vitkit-decode")
+        # torch's thread count is per thread: explanations get one core, predictions the rest.
+        self._explainer = ThreadPoolExecutor(
+            1, "vitkit-explain", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self.batcher.start()
         # Loading (or building) the compiled model must not delay the first answers.
         self._compiling = asyncio.get_running_loop().create_task(self.engine.run())
@@ -100,17 +106,23 @@ class Service:
                 await self._compiling
         await self.engine.stop()
         await self.batcher.stop()
-        if self._decoder is not None:
-            self._decoder.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._decoder, self._explainer):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     async def decode(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on a decoding thread."""
         return await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
 
+    async def explain(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the explanations' thread (the model is only read there, with
+        autograd on in that thread alone, so predictions may use it at the same time)."""
+        return await asyncio.get_running_loop().run_in_executor(self._explainer, fn, *args)
+
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:
-        """Around one explanation: a 503 when `max_explanations` are running already, as each
-        holds the model's thread for far longer than a batch."""
+        """Around one explanation: a 503 when `max_explanations` are running or waiting
+        already, as each takes far longer than a batch."""
         if self._explaining >= self.max_explanations:
             raise ApiError(
                 503,
@@ -213,7 +225,7 @@ async def explain(
             raise ApiError(422, f"method must be one of {', '.join(METHODS)}, got {how!r}")
         config, limit = service.model.config, service.max_pixels
         pixels = await service.decode(decode_image, data, config, limit)
-        labels, heatmap, png = await service.batcher.call(_explain, service.model, pixels, how, k)
+        labels, heatmap, png = await service.explain(_explain, service.model, pixels, how, k)
     rows, latency = label_rows(labels), _ms_since(start)
     if fmt == "json":
         return JSONResponse(
