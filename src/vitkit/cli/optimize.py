@@ -32,6 +32,7 @@ def add_optimize_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    # Heavy (torch, and inductor when it compiles): imported when this command runs.
     from vitkit.infer.compiled import build_compiled, cache_dir, private_dir
     from vitkit.weights.format import load_model
 

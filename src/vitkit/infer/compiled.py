@@ -12,9 +12,11 @@ a package that arrives inside a model directory is never loaded on its own.
 
 `auto` builds the candidates this CPU may run fast (int8 where it has int8 dot products and
 the model carries calibration images, bf16 where it has fast bf16, else fp32), measures each
-on the batch sizes a service runs, and keeps the fastest; int8 must beat the others by
-`INT8_MARGIN`, as it costs some accuracy. The choice and its reason are recorded beside the
-packages (`auto-<key>.json`), so the next start loads the winner at once.
+and the eager model on the batch sizes a service runs, and keeps what pays: a package must
+beat the eager model by `MARGIN` (it holds a second copy of the weights), int8 must beat the
+rest by as much (it costs some accuracy). The choice ("eager" when nothing compiled pays)
+and its reason are recorded beside the packages (`auto-<key>.json`), so the next start loads
+the winner at once.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from vitkit import __version__
-from vitkit.infer.optimize import quantized_graph
+from vitkit.infer.optimize import optimize, quantized_graph
 from vitkit.model.vit import ViT
 from vitkit.runtime import cpu_flags, fast_precisions
 from vitkit.weights.format import CheckpointError, atomic_write, one_line, read_json
@@ -54,10 +56,11 @@ CPU_FEATURES = (
     "amx_bf16",
     "amx_int8",
 )
-# int8 is kept only when this much faster than the best other candidate.
-INT8_MARGIN = 1.1
-# Batches a package is measured on: one image, and the largest batch it takes.
-TIMED_CALLS = 10
+# A package is kept only when this much faster than the eager model, and int8 only when this
+# much faster than the best other candidate.
+MARGIN = 1.1
+# Each measurement: at least this many calls and this long, at most MAX_CALLS calls.
+MIN_CALLS, MIN_SECONDS, MAX_CALLS = 3, 1.0, 20
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -220,30 +223,34 @@ def load_package(path: Path, expected: Signature) -> Runner:
     if reason is not None:
         raise StalePackage(f"{path}: {reason}")
     try:
-        runner = torch._inductor.aoti_load_package(str(path))
+        # The C++ loader itself: `aoti_load_package` would first import inductor (2 s on two
+        # cores, holding the interpreter lock) only to flatten one tensor argument.
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
     except Exception as e:  # a package torn after its signature was written
         raise StalePackage(f"{path}: cannot load: {one_line(str(e))}") from None
     dtype = torch.bfloat16 if expected.precision == "bf16" else torch.float32
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        """Note: the call holds Python's interpreter lock until it returns."""
         with torch.inference_mode():
-            return runner(x.to(dtype)).float()
+            return loader.run([x.to(dtype)])[0].float()
 
     return run
 
 
 def images_per_second(run: Runner, model: ViT, batch_size: int) -> float:
-    """Measured throughput of `run` on batches of `batch_size` (after one warm-up call)."""
+    """Measured throughput of `run` on batches of `batch_size`, after one warm-up call."""
     c = model.config
     x = torch.randn(batch_size, c.in_channels, c.image_size, c.image_size)
     run(x)
-    start = time.perf_counter()
-    for _ in range(TIMED_CALLS):
+    calls, start = 0, time.perf_counter()
+    while calls < MIN_CALLS or (time.perf_counter() - start < MIN_SECONDS and calls < MAX_CALLS):
         run(x)
-    return batch_size * TIMED_CALLS / (time.perf_counter() - start)
+        calls += 1
+    return batch_size * calls / (time.perf_counter() - start)
 
 
-# -- auto: the fastest that pays ---------------------------------------------------------------
+# -- auto: what pays ---------------------------------------------------------------------------
 def auto_candidates(model: ViT) -> list[str]:
     """The precisions `auto` compiles and measures on this CPU."""
     fast = [p for p in fast_precisions("cpu") if p != "int8" or model.calibration is not None]
@@ -251,25 +258,28 @@ def auto_candidates(model: ViT) -> list[str]:
 
 
 def choose(speeds: dict[str, dict[int, float]]) -> tuple[str, str]:
-    """The precision to serve from measured images/s per batch size, and why.
+    """What to serve ("eager" or a precision) from measured images/s per batch size, and why.
 
-    Each candidate is scored by the geometric mean of its throughputs (one image, a full
-    batch), so neither a lone request nor a busy service is sacrificed; int8 must win by
-    INT8_MARGIN."""
+    Each is scored by the geometric mean of its throughputs (one image, a full batch), so
+    neither a lone request nor a busy service is sacrificed; a package must beat "eager",
+    and int8 the best of the rest, by MARGIN."""
     scores = {p: _geometric_mean(list(s.values())) for p, s in speeds.items()}
-    others = {p: v for p, v in scores.items() if p != "int8"}
-    best = max(others, key=others.__getitem__) if others else "int8"
-    if "int8" in scores and (not others or scores["int8"] >= INT8_MARGIN * others[best]):
-        best = "int8"
     shown = "; ".join(
         f"{p}: " + ", ".join(f"{v:.0f} img/s at batch {b}" for b, v in s.items())
         for p, s in speeds.items()
     )
-    if "int8" in scores and best != "int8":
-        why = f"int8 is not {INT8_MARGIN:.1f}x faster than {best} here ({shown})"
-    else:
-        why = f"fastest measured ({shown})"
-    return best, why
+    best = "eager" if "eager" in scores else None
+    packages = sorted((p for p in scores if p not in ("eager", "int8")), key=scores.__getitem__)
+    if packages and (best is None or scores[packages[-1]] >= MARGIN * scores[best]):
+        best = packages[-1]
+    if "int8" in scores and (best is None or scores["int8"] >= MARGIN * scores[best]):
+        return "int8", f"fastest measured ({shown})"
+    assert best is not None
+    if best == "eager":
+        return best, f"no compiled model is {MARGIN:.1f}x faster than the eager one ({shown})"
+    if "int8" in scores:
+        return best, f"int8 is not {MARGIN:.1f}x faster than {best} ({shown})"
+    return best, f"{MARGIN:.1f}x faster than the eager model or more ({shown})"
 
 
 def _geometric_mean(values: list[float]) -> float:
@@ -295,16 +305,17 @@ def _read_choice(path: Path, expected: Signature) -> tuple[str, str] | None:
     if not isinstance(record, dict) or expected.mismatch(record.get("signature")) is not None:
         return None
     choice, why = record.get("choice"), record.get("why")
-    if choice not in ("fp32", "bf16", "int8") or not isinstance(why, str):
+    if choice not in ("eager", "fp32", "bf16", "int8") or not isinstance(why, str):
         return None
     return choice, why
 
 
 @dataclasses.dataclass
 class Compiled:
-    """A loaded package: the runner, its precision, its file, and why it was chosen."""
+    """A loaded package (its runner, precision and file), or the measured finding that the
+    eager model is as fast (`run` None, precision "eager"); and why it was chosen."""
 
-    run: Runner
+    run: Runner | None
     precision: str
     path: Path
     why: str
@@ -317,10 +328,13 @@ def find_compiled(model: ViT, precision: str, max_batch: int, directory: Path) -
     signature = Signature.of(model, precision, max_batch)
     why = "asked for"
     if precision == "auto":
-        choice = _read_choice(_choice_file(directory, signature), signature)
+        record = _choice_file(directory, signature)
+        choice = _read_choice(record, signature)
         if choice is None:
             raise StalePackage(f"{directory}: no measured choice for this model and CPU")
         precision, why = choice
+        if precision == "eager":
+            return Compiled(None, precision, record, why)
         signature = dataclasses.replace(signature, precision=precision)
     path = package_path(directory, signature)
     return Compiled(load_package(path, signature), precision, path, why)
@@ -330,8 +344,8 @@ def build_compiled(
     model: ViT, precision: str, max_batch: int, directory: Path, log: Callable[[str], None]
 ) -> Compiled:
     """The package for `precision` in `directory`, built where missing or stale; for "auto",
-    every candidate is built and measured and the fastest recorded (see the module's
-    docstring). `log` gets a line per step."""
+    every candidate is built and measured against the eager model, and the choice recorded
+    (see the module's docstring). `log` gets a line per step."""
     base = Signature.of(model, precision, max_batch)
     wanted = auto_candidates(model) if precision == "auto" else [precision]
     built: dict[str, Compiled] = {}
@@ -350,16 +364,16 @@ def build_compiled(
             log(f"{p}: compiled in {time.perf_counter() - start:.0f} s into {path}")
     if precision != "auto":
         return built[precision]
-    if len(built) == 1:
-        choice, why = wanted[0], f"the only precision that runs fast on this CPU ({_cpu_name()})"
-    else:
-        sizes = sorted({1, max_batch})
-        speeds = {
-            p: {n: images_per_second(c.run, model, n) for n in sizes} for p, c in built.items()
-        }
-        choice, why = choose(speeds)
-    _write_choice(_choice_file(directory, base), base, choice, why)
+    sizes = sorted({1, max_batch})
+    runs: dict[str, Runner] = {p: c.run for p, c in built.items() if c.run is not None}
+    runs["eager"] = optimize(model, "bf16" if "bf16" in fast_precisions("cpu") else "fp32")
+    speeds = {p: {n: images_per_second(run, model, n) for n in sizes} for p, run in runs.items()}
+    choice, why = choose(speeds)
+    record = _choice_file(directory, base)
+    _write_choice(record, base, choice, why)
     log(f"auto: {choice}: {why}")
+    if choice == "eager":
+        return Compiled(None, choice, record, why)
     built[choice].why = why
     return built[choice]
 

@@ -40,6 +40,10 @@ from vitkit.runtime import fast_precisions, resolve_precision
 from vitkit.weights.format import one_line, save_model
 
 log = logging.getLogger("vitkit.serve")
+# A compiled model's call holds Python's interpreter lock until it returns (AOTInductor's
+# runner does not release it), so the event loop cannot answer anything meanwhile: batches are
+# split into calls that each take at most about this long (measured when the package loads).
+MAX_STALL_S = 0.05
 # Lines of the background build's output kept for /readyz when it fails.
 _TAIL_LINES = 5
 
@@ -70,6 +74,8 @@ class Engine:
         self.eager = optimize(model, eager)
         self.labels = model.labels
         self.compiled: Compiled | None = None
+        self.chunk = max_batch  # the most images per compiled call, see MAX_STALL_S
+        self.why: str | None = None  # why the mode serving now was chosen, once measured
         self._want_compile = compile and self.compilable
         self._compiled_dir, self._source_dir = compiled_dir, source_dir
         self.state = "loading" if self.compilable else "off"
@@ -84,8 +90,10 @@ class Engine:
         compiled = self.compiled  # read once: a swap between here and the return is harmless
         if compiled is None:
             return self.eager(x), self.eager_mode
+        run = compiled.run
+        assert run is not None  # only packages are swapped in
         with torch.inference_mode():
-            return torch.cat([compiled.run(c) for c in x.split(self.max_batch)]), self.mode
+            return torch.cat([run(c) for c in x.split(self.chunk)]), self.mode
 
     def input_spec(self) -> tuple[torch.device, torch.dtype]:
         return self.eager.input_spec()
@@ -106,10 +114,11 @@ class Engine:
         return {
             "mode": self.mode,
             "batch_sizes": {f"1-{self.max_batch}": self.mode},
+            "images_per_call": self.chunk if compiled else self.max_batch,
             "compile": {
                 "state": self.state,
                 "precision": compiled.precision if compiled else None,
-                "why": compiled.why if compiled else None,
+                "why": self.why,
                 "detail": self.detail or None,
                 "seconds_to_full_speed": self.ready_seconds,
             },
@@ -145,16 +154,31 @@ class Engine:
             else:
                 log.info("no compiled package ready: %s", e)
             return False
-        self.compiled, self.state = compiled, "done"
+        self.state, self.why = "done", compiled.why
         self.ready_seconds = round(time.monotonic() - self.started, 1)
+        if compiled.run is None:  # measured: no compiled model pays here
+            log.info("%s serves: %s", self.eager_mode, compiled.why)
+            return True
+        self.compiled = compiled
         log.info("now serving %s (%s), from %s", self.mode, compiled.why, compiled.path)
         return True
 
     def _find_and_warm(self, directory: Path) -> Compiled:
         compiled = find_compiled(self.model, self.precision, self.max_batch, directory)
+        if compiled.run is None:
+            return compiled
         c = self.model.config
-        # The first call of a package allocates its buffers: not in a client's request.
-        compiled.run(torch.zeros(1, c.in_channels, c.image_size, c.image_size))
+        # Batches of 1, 2, 4, ... until a call takes MAX_STALL_S: that sets the chunk size, and
+        # no client's request pays for a first call's allocations. Each warm-up call stalls the
+        # event loop no longer than a chunk will.
+        size, chunk = 1, 1
+        while size <= self.max_batch:
+            start = time.perf_counter()
+            compiled.run(torch.zeros(size, c.in_channels, c.image_size, c.image_size))
+            if time.perf_counter() - start > MAX_STALL_S:
+                break
+            chunk, size = size, 2 * size
+        self.chunk = chunk
         return compiled
 
     async def _build(self, directory: Path) -> None:
