@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from vitkit.runtime import cpu_name
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "fashion_mnist_15min.toml"
 
@@ -46,16 +47,6 @@ def run(procs: int, threads: int, shard: bool, steps: int, out: Path) -> tuple[f
     wall = time.perf_counter() - start
     last = (out / "metrics.jsonl").read_text().splitlines()[-1]
     return json.loads(last)["images_per_second"], wall
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:

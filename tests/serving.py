@@ -1,16 +1,23 @@
-"""A real uvicorn server in a thread, and a raw-socket client that can stop mid-request."""
+"""A real uvicorn server in a thread, `vitkit serve` in a subprocess, and a raw-socket client
+that can stop mid-request."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -41,6 +48,39 @@ def real_server(app: FastAPI, **options: Any) -> Iterator[tuple[str, uvicorn.Ser
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_process(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """`vitkit serve ARGS --port 0` in a subprocess, its stderr in `log`, once /healthz
+    answers: its base URL, its first line of output, and the process."""
+    command = [sys.executable, "-m", "vitkit", "serve", *args, "--port", "0"]
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env or dict(os.environ)
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.search(r"http://[\d.]+:\d+", line)
+        assert found, f"the server did not start: {line!r} {log.read_text()}"
+        url = found.group()
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, line, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass

@@ -9,7 +9,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.serving import serve_process
 from vitkit import create_model
 from vitkit.infer import compiled as compiled_module
 from vitkit.infer.compiled import (
@@ -294,15 +294,7 @@ def test_serve_answers_at_once_while_compiling_in_the_background(tmp_path):
     want = Classifier("fashion-mnist", precision="fp32").predict(Image.open(io.BytesIO(data)))
     env = {**os.environ, "VITKIT_CACHE": str(tmp_path / "cache")}
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitkit", "serve", "fashion-mnist", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        url = re.search(r"http://[\d.]+:\d+", proc.stdout.readline()).group()
+    with serve_process(["fashion-mnist"], tmp_path / "stderr.txt", env) as (url, _, _):
         r = httpx.post(f"{url}/v1/predict", files={"file": ("a.png", data, "image/png")})
         elapsed = time.monotonic() - start
         assert r.status_code == 200
@@ -314,9 +306,6 @@ def test_serve_answers_at_once_while_compiling_in_the_background(tmp_path):
         ready = httpx.get(f"{url}/readyz").json()
         assert ready["compile"]["state"] == "compiling"
         assert httpx.get(f"{url}/readyz", params={"full_speed": "true"}).status_code == 503
-    finally:
-        proc.terminate()
-        proc.wait(30)
     leftovers = subprocess.run(
         ["pgrep", "-f", f"vitkit optimize .*{tmp_path}"], capture_output=True, text=True
     )

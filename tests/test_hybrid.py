@@ -62,3 +62,29 @@ def test_hybrid_save_load_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
+def test_inference_keeps_no_stale_standardised_kernels():
+    """Eager inference standardises each kernel once; a fused optimiser step (which changes
+    weights without bumping their version counter) and a load_state_dict are still seen."""
+    model = create_model("R+Ti/4@32", depth=1, seed=3)
+    torch.nn.init.normal_(model.head.weight, std=0.05)
+    x = torch.randn(2, 3, 32, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        model.eval()
+        with torch.inference_mode():
+            cached = model(x)
+        with torch.enable_grad():
+            fresh = model(x)
+        torch.testing.assert_close(cached, fresh.detach())
+        model.train()
+        model(x).square().mean().backward()
+        opt.step()
+    model.eval()
+    before = model(x).detach()
+    other = create_model("R+Ti/4@32", depth=1, seed=4)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), other.eval()(x))
+    assert not torch.allclose(before, model(x).detach())

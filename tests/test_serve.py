@@ -21,6 +21,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.serving import serve_process
 from vitkit import Classifier, create_model, load_model, save_model
 from vitkit.cli.serve import add_serve_command, loopback_hosts
 from vitkit.serve.app import create_app
@@ -427,59 +428,14 @@ def test_explain_bad_input(client):
 
 
 # -- a real server --------------------------------------------------------------------------
-SERVE = """
-import argparse, sys
-from vitkit.cli.serve import add_serve_command, loopback_hosts
-parser = argparse.ArgumentParser()
-add_serve_command(parser.add_subparsers())
-args = parser.parse_args(["serve", *sys.argv[1:]])
-sys.exit(args.func(args))
-"""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`vitkit serve fashion-mnist --port 0` in a subprocess: (base URL, process id)."""
     log = tmp_path_factory.mktemp("server") / "stderr.txt"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(
-            # fp32, eager: compiling would spend a minute (tests/test_compiled.py covers it).
-            [
-                sys.executable,
-                "-c",
-                SERVE,
-                "fashion-mnist",
-                "--port",
-                "0",
-                "--precision",
-                "fp32",
-                "--no-compile",
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"http://[\d.]+:\d+", line)
-        assert found, f"the server did not start: {line!r} {log.read_text()}"
-        url = found.group()
-        for _ in range(100):
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    # fp32, eager: compiling would spend a minute (tests/test_compiled.py covers it).
+    args = ["fashion-mnist", "--precision", "fp32", "--no-compile", "--log-level", "warning"]
+    with serve_process(args, log) as (url, _, proc):
         yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def rss_bytes(pid: int) -> int:

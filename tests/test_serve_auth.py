@@ -4,9 +4,6 @@ and CORS."""
 import argparse
 import io
 import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.serving import read_answer, real_server, send_part
+from tests.serving import read_answer, real_server, send_part, serve_process
 from vitkit import create_model, save_model
 from vitkit.cli.serve import API_KEY_ENV, add_serve_command, api_key_for, cmd_serve
 from vitkit.serve.app import create_app
@@ -258,35 +255,11 @@ def keyed_server(tmp_path_factory):
     timeout, in a subprocess: (base URL, its first line)."""
     tmp = tmp_path_factory.mktemp("keyed")
     directory = save_model(small_model(), tmp / "model")
-    log = tmp / "stderr.txt"
-    command = [sys.executable, "-m", "vitkit", "serve", str(directory), "--port", "0"]
-    options = ["--precision", "fp32", "--no-compile", "--log-level", "warning"]
-    options += ["--read-timeout", "1"]
-    options += ["--cors-origin", PAGE_ORIGIN, "--max-connections", "16"]
-    env = {**os.environ, API_KEY_ENV: KEY}
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(
-            command + options, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
-        )
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"http://[\d.]+:\d+", line)
-        assert found, f"the server did not start: {line!r} {log.read_text()}"
-        url = found.group()
-        for _ in range(100):
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    args = [str(directory), "--precision", "fp32", "--no-compile", "--log-level", "warning"]
+    args += ["--read-timeout", "1", "--cors-origin", PAGE_ORIGIN, "--max-connections", "16"]
+    with serve_process(args, tmp / "stderr.txt", {**os.environ, API_KEY_ENV: KEY}) as served:
+        url, line, _ = served
         yield url, line
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ import torch
 from vitkit import __version__
 from vitkit.infer.optimize import optimize, quantized_graph
 from vitkit.model.vit import ViT
-from vitkit.runtime import cpu_flags, fast_precisions
+from vitkit.runtime import cpu_flags, cpu_name, fast_precisions
 from vitkit.weights.format import CheckpointError, atomic_write, one_line, read_json
 
 FORMAT = 1
@@ -121,17 +121,7 @@ def model_digest(model: ViT) -> str:
 
 def cpu_features() -> tuple[str, ...]:
     """The CPU's name and the features in CPU_FEATURES it has."""
-    return (_cpu_name(), *sorted(set(CPU_FEATURES) & cpu_flags()))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return (cpu_name(), *sorted(set(CPU_FEATURES) & cpu_flags()))
 
 
 def cache_dir() -> Path:

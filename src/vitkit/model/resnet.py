@@ -36,8 +36,14 @@ class StdConv2d(nn.Conv2d):
         static = kernel // 2 if stride == 1 else 0
         super().__init__(in_channels, out_channels, kernel, stride, padding=static, bias=False)
 
-        # The standardised kernel while the weight is unchanged, for calls without autograd.
+        # The standardised kernel for calls without autograd, kept while the weight is
+        # unchanged; `train()` and `eval()` drop it, as a fused optimiser step changes the
+        # weight in place without bumping its version counter.
         self._frozen: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+
+    def train(self, mode: bool = True) -> StdConv2d:
+        self._frozen = None
+        return super().train(mode)
 
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight

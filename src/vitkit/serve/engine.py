@@ -93,7 +93,8 @@ class Engine:
         run = compiled.run
         assert run is not None  # only packages are swapped in
         with torch.inference_mode():
-            return torch.cat([run(c) for c in x.split(self.chunk)]), self.mode
+            logits = torch.cat([run(c) for c in x.split(self.chunk)])
+        return logits, f"compiled-{compiled.precision}"
 
     def input_spec(self) -> tuple[torch.device, torch.dtype]:
         return self.eager.input_spec()
