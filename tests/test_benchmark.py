@@ -36,6 +36,38 @@ def test_report_ratios_against_fastest_and_eager() -> None:
     assert "hf" not in text.split("\n\n")[1]  # no line for a peer that was not measured
 
 
+def test_report_compares_with_the_best_cpu_runtime() -> None:
+    results = [
+        _result("infer", "vitkit", "int8", 90.0),
+        _result("infer", "ort", "fp32", 30.0),
+        _result("infer", "ort", "int8-dynamic", 45.0),
+        _result("infer", "openvino", "bf16", 60.0),
+    ]
+    text = report(results, {"fp32": 0.2, "bf16": 0.8, "int8": 0.4})
+    assert "vitkit int8 / ort fastest (int8-dynamic) = 2.00x" in text
+    assert "vitkit int8 / openvino fastest (bf16) = 1.50x" in text
+    assert "vitkit int8 / best CPU runtime (openvino bf16) = 1.50x" in text
+
+
+def test_each_row_is_a_share_of_its_own_precisions_peak() -> None:
+    results = [
+        _result("infer", "vitkit", "int8", 100.0),  # 0.1 TOPS
+        _result("infer", "timm", "bf16-compiled", 50.0),  # 0.05 TFLOP/s
+        _result("infer", "hf", "fp32", 20.0),  # 0.02 TFLOP/s
+    ]
+    rows = report(results, {"fp32": 0.2, "bf16": 0.8, "int8": 0.4}).splitlines()[1:4]
+    assert "25% int8" in rows[0] and "6% bf16" in rows[1] and "10% fp32" in rows[2]
+    # Without an int8 peak (a GPU), int8 rows show none rather than a wrong share.
+    assert " - " in report(results, {"fp32": 0.2, "bf16": 0.8}).splitlines()[1]
+
+
+def test_the_int8_peak_is_measured_through_onednn() -> None:
+    assert benchmark.int8_matmul_peak(repeats=1) > 0
+    isa, kernel = benchmark.int8_kernel().split("; ")
+    assert "unknown" not in isa and kernel != "unknown"  # e.g. "Intel AVX2", "gemm:jit"
+    assert "threads" in benchmark.machine(torch.device("cpu"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_bench_on_missing_gpu_says_so() -> None:
     with pytest.raises(SystemExit, match="no CUDA GPU"):
@@ -48,3 +80,23 @@ def test_bench_without_its_peers_names_the_extra(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("vitkit bench: error: no_such_peer_package not installed")
     assert "pip install 'vitkit[bench]'" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_cpu_runtimes_run_the_same_model() -> None:
+    """ONNX Runtime and OpenVINO, as `vitkit bench` runs them, give the model's logits (int8:
+    its top class)."""
+    from vitkit import create_model
+
+    model = create_model("Ti/4@28", width=64, depth=2, heads=2, seed=0).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(x)
+        modes = {(impl, mode): fn(x) for impl, mode, fn, _ in benchmark.runtime_modes(model)}
+    assert {"ort"} <= {impl for impl, _ in modes} and ("ort", "int8-dynamic") in modes
+    for (impl, mode), got in modes.items():
+        if mode == "fp32":
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        else:
+            assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.8, (impl, mode)

@@ -3,18 +3,23 @@
 Every implementation runs the same architecture with the same (converted) weights, batch,
 resolution and precision; runs alternate between implementations, so that a machine that
 speeds up or slows down affects all of them alike, and the median of the rounds is kept.
-The machine's fp32 and bf16 matmul peaks are measured in the same run: each result is also a
-fraction of them (on a GPU, the bf16 fraction of a training step is its model FLOPs
-utilisation, MFU). The peers (timm, which needs torchvision, and transformers) are no
-dependencies of vitkit: `pip install 'vitkit[bench]'` adds them, and only the functions that
-build a peer import it.
+The machine's fp32, bf16 and int8 matmul peaks are measured in the same run (int8 through the
+oneDNN quantised linear that vitkit's int8 calls, whose kernel and ISA are reported), and each
+result is also a fraction of the peak of its own precision (on a GPU, the bf16 fraction of a
+training step is its model FLOPs utilisation, MFU). The peers (timm, which needs
+torchvision, and transformers) are no dependencies of vitkit: `pip install 'vitkit[bench]'`
+adds them, and only the functions that build a peer import it.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,15 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.config import get_preset
+from vitkit.export import export_onnx, onnx_session, quantize_onnx_int8
 from vitkit.infer.optimize import optimize
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT, flops
-from vitkit.runtime import auto_bf16, fast_precisions
+from vitkit.runtime import auto_bf16, cpu_flags, cpu_name, fast_precisions
 from vitkit.weights.hf import to_hf
 from vitkit.weights.timm import to_timm
 
 # The packages the peers need, as `pip install 'vitkit[bench]'` installs them.
 PEER_PACKAGES = ("timm", "torchvision", "transformers")
+# Every implementation compared with vitkit, in the report's order: PyTorch peers, then the
+# CPU runtimes (which run the model's ONNX file; measured where installed).
+PEERS = ("timm", "hf", "ort", "openvino")
 
 # vitkit preset -> timm model name (the same architecture).
 TIMM_NAMES = {
@@ -70,6 +79,69 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> f
     a @ b
     best = min(_seconds(lambda: a @ b, device) for _ in range(repeats))
     return 2 * size**3 / best / 1e12
+
+
+def int8_matmul_peak(repeats: int = 5) -> float:
+    """Best TOPS of a square int8 matmul through oneDNN's quantised linear (u8 activations,
+    s8 per-channel weights, prepacked, fp32 out): the kernel vitkit's int8 models call."""
+    size = 2048
+    gen = torch.Generator().manual_seed(0)
+    qx = torch.randint(0, 256, (size, size), dtype=torch.uint8, generator=gen)
+    weight = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=gen)
+    packed = torch.ops.onednn.qlinear_prepack(weight, [size, size])
+    scales, zeros = torch.full((size,), 0.01), torch.zeros(size, dtype=torch.int64)
+
+    def run() -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(
+            qx, 0.02, 128, packed, scales, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        )
+
+    run()
+    best = min(_seconds(run, torch.device("cpu")) for _ in range(repeats))
+    return 2 * size**3 / best / 1e12
+
+
+# One int8 linear layer, run with oneDNN's verbose log on (in a child process: the log is
+# written by C++ to the process's stdout).
+_INT8_PROBE = """
+import torch
+qx = torch.randint(0, 256, (64, 256), dtype=torch.uint8)
+packed = torch.ops.onednn.qlinear_prepack(torch.ones(256, 256, dtype=torch.int8), [64, 256])
+torch.ops.onednn.qlinear_pointwise(qx, 0.02, 128, packed, torch.full((256,), 0.01),
+    torch.zeros(256, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], "")
+"""
+
+
+def int8_kernel() -> str:
+    """The ISA oneDNN runs here and the implementation its int8 matmul picks, e.g.
+    "Intel AVX2; gemm:jit" or "...AMX...; brg_matmul:avx512_core_amx"."""
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _INT8_PROBE], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    isa = re.search(r"isa:([^,\n]+)", out)
+    impl = re.search(r"primitive,exec,cpu,matmul,([^,]+)", out)
+    return f"{isa.group(1) if isa else 'unknown ISA'}; {impl.group(1) if impl else 'unknown'}"
+
+
+def machine(device: torch.device) -> str:
+    """The processor benchmarked and the features that decide its fast paths."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    features = [
+        f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni") if f in cpu_flags()
+    ]
+    amx = "AMX (bf16, int8)" if {"amx_bf16", "amx_int8"} <= cpu_flags() else "no AMX"
+    shown = ", ".join(features) or "no AVX-512, no VNNI"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, {amx}, {shown}"
+
+
+def peak_of(mode: str) -> str:
+    """The precision whose peak a mode is measured against: int8, bf16 or fp32."""
+    return "int8" if mode.startswith("int8") else "bf16" if mode.startswith("bf16") else "fp32"
 
 
 def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
@@ -203,6 +275,8 @@ def inference_modes(model: ViT, batch: int) -> Iterator[tuple[str, str, Callable
         yield "vitkit", mode, net, time.perf_counter() - start
         if mode == "bf16" and device.type == "cuda":
             yield "vitkit", "bf16-compiled", _compiled(net.net), 0.0
+    if device.type == "cpu":
+        yield from runtime_modes(model)
     for impl, net in peers(model).items():
         yield impl, "fp32", net, 0.0
         if "bf16" not in fast:
@@ -214,6 +288,53 @@ def inference_modes(model: ViT, batch: int) -> Iterator[tuple[str, str, Callable
 
         yield impl, "bf16-autocast", autocast, 0.0
         yield impl, "bf16-compiled", _compiled(copy.deepcopy(net).to(torch.bfloat16)), 0.0
+
+
+def runtime_modes(model: ViT) -> Iterator[tuple[str, str, Callable, float]]:
+    """The CPU runtimes on the model's ONNX file (any batch): ONNX Runtime in fp32 and with
+    `vitkit export --int8`'s dynamic int8, and OpenVINO with its default settings (bf16 on
+    CPUs with AMX or AVX-512-bf16, else fp32: the mode says which), where installed. The
+    export counts in each one's set-up time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = export_onnx(model, Path(tmp) / "model.onnx", dynamic_batch=True)
+        exported = time.perf_counter() - start
+        start = time.perf_counter()
+        yield "ort", "fp32", _ort(onnx_session(path)), exported + time.perf_counter() - start
+        start = time.perf_counter()
+        int8 = quantize_onnx_int8(path, Path(tmp) / "model.int8.onnx")
+        yield (
+            "ort",
+            "int8-dynamic",
+            _ort(onnx_session(int8)),
+            exported + time.perf_counter() - start,
+        )
+        if importlib.util.find_spec("openvino") is not None:
+            start = time.perf_counter()
+            fn, mode = _openvino(path)
+            yield "openvino", mode, fn, exported + time.perf_counter() - start
+
+
+def _ort(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def _openvino(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """OpenVINO's compiled model for `path` (its own threads: as many as torch's) and the
+    precision it chose."""
+    import openvino as ov  # an optional peer (vitkit[bench])
+
+    threads = torch.get_num_threads()
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # The request reuses its output buffer: copied out, as a result must outlive a call.
+        return torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
+
+    return run, "bf16" if "bf16" in precision else "fp32"
 
 
 def _compiled(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -333,17 +454,19 @@ def _train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) ->
 
 # -- report ---------------------------------------------------------------------------------
 def report(results: list[Result], peaks: dict[str, float]) -> str:
-    """A table of every result, then vitkit's best against each peer's best and eager bf16."""
+    """A table of every result (with its share of the peak of its own precision, see
+    `peak_of`), then vitkit's best against each peer's best and eager bf16."""
     lines = [
         f"{'task':5} {'model':8} {'batch':>5} {'impl':6} {'mode':14} {'img/s':>9} "
-        f"{'ms/batch':>9} {'TFLOP/s':>8} {'%fp32pk':>8} {'%bf16pk':>8} {'setup s':>8}"
+        f"{'ms/batch':>9} {'TFLOP/s':>8} {'of peak':>12} {'setup s':>8}"
     ]
     for r in results:
+        own = peak_of(r.mode)
+        share = f"{r.tflops / peaks[own]:.0%} {own}" if peaks.get(own) else "-"
         lines.append(
             f"{r.task:5} {r.model:8} {r.batch:>5} {r.impl:6} {r.mode:14} "
             f"{r.images_per_second:9.1f} {r.seconds * 1000:9.1f} {r.tflops:8.3f} "
-            f"{r.tflops / peaks['fp32']:8.0%} {r.tflops / peaks['bf16']:8.0%} "
-            f"{r.setup_seconds:8.1f}"
+            f"{share:>12} {r.setup_seconds:8.1f}"
         )
     lines.append("")
     groups: dict[tuple[str, str, int], list[Result]] = {}
@@ -351,7 +474,7 @@ def report(results: list[Result], peaks: dict[str, float]) -> str:
         groups.setdefault((r.task, r.model, r.batch), []).append(r)
     for (task, model, batch), rs in groups.items():
         ours = max((r for r in rs if r.impl == "vitkit"), key=lambda r: r.images_per_second)
-        for impl in ("timm", "hf"):
+        for impl in PEERS:
             theirs = [r for r in rs if r.impl == impl]
             if not theirs:
                 continue
@@ -371,4 +494,12 @@ def report(results: list[Result], peaks: dict[str, float]) -> str:
                         ratio = mine[0].images_per_second / r.images_per_second
                         text += f"; {r.mode}: {ratio:.2f}x"
             lines.append(text)
+        runtimes = [r for r in rs if r.impl in ("ort", "openvino")]
+        if runtimes:
+            best = max(runtimes, key=lambda r: r.images_per_second)
+            ratio = ours.images_per_second / best.images_per_second
+            lines.append(
+                f"{task} {model} batch {batch}: vitkit {ours.mode} / best CPU runtime "
+                f"({best.impl} {best.mode}) = {ratio:.2f}x"
+            )
     return "\n".join(lines)

@@ -19,6 +19,9 @@ from vitkit.benchmark import (
     Result,
     bench_inference,
     bench_training,
+    int8_kernel,
+    int8_matmul_peak,
+    machine,
     matmul_peak,
     missing_peers,
     report,
@@ -62,15 +65,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{', '.join(missing)} not installed; the peers it compares with come with "
             "pip install 'vitkit[bench]'",
         )
-    threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} threads"
+    where = machine(device)
     peaks = {
         "fp32": matmul_peak(torch.float32, device),
         "bf16": matmul_peak(torch.bfloat16, device),
     }
+    kernel = None
+    if device.type == "cpu":  # vitkit's int8 runs on CPUs only
+        peaks["int8"], kernel = int8_matmul_peak(), int8_kernel()
+    int8 = f", int8 {peaks['int8']:.3f} TOPS ({kernel})" if kernel else ""
     print(
-        f"{where}; matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, "
-        f"bf16 {peaks['bf16']:.3f} TFLOP/s; fast modes here: "
+        f"{where}\nmatmul peaks: fp32 {peaks['fp32']:.3f} TFLOP/s, "
+        f"bf16 {peaks['bf16']:.3f} TFLOP/s{int8}; fast modes here: "
         f"{', '.join(fast_precisions(device)) or 'none'}",
         flush=True,
     )
@@ -88,7 +94,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             results += bench_training(preset, args.rounds, device, args.train_batch)
     print(report(results, peaks))
     if args.json:
-        payload = {"machine": where, "peaks": peaks, "results": [asdict(r) for r in results]}
+        payload = {
+            "machine": where,
+            "peaks": peaks,
+            "int8_kernel": kernel,
+            "results": [asdict(r) for r in results],
+        }
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 
