@@ -310,3 +310,13 @@ def test_serve_answers_at_once_while_compiling_in_the_background(tmp_path):
         ["pgrep", "-f", f"vitkit optimize .*{tmp_path}"], capture_output=True, text=True
     )
     assert leftovers.stdout == "", "the background compile outlived the server"
+
+
+@pytest.mark.slow
+def test_a_package_for_single_images(tmp_path):
+    """`vitkit serve --max-batch 1`: the batch dimension stays dynamic (traced at 2)."""
+    model = small_model()
+    compiled = build_compiled(model, "fp32", 1, tmp_path, lambda line: None)
+    x = torch.randn(1, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled.run(x), model(x), atol=1e-4, rtol=1e-4)

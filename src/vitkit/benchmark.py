@@ -33,6 +33,7 @@ from torch import nn
 
 from vitkit.config import get_preset
 from vitkit.export import export_onnx, onnx_session, quantize_onnx_int8
+from vitkit.infer.compiled import build_compiled, cache_dir, private_dir
 from vitkit.infer.optimize import optimize
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT, flops
@@ -259,14 +260,23 @@ def peers(model: ViT) -> dict[str, nn.Module]:
 
 
 # -- inference ------------------------------------------------------------------------------
-def inference_modes(model: ViT, batch: int) -> Iterator[tuple[str, str, Callable, float]]:
+def inference_modes(
+    model: ViT, batch: int, compiled: bool = False
+) -> Iterator[tuple[str, str, Callable, float]]:
     """(impl, mode, fn, setup seconds) for every implementation and precision measured, on
-    the device `model` lives on. On a GPU, vitkit's bf16 is also measured compiled (on a CPU
-    its int8 is faster)."""
+    the device `model` lives on. On a GPU, vitkit's bf16 is also measured compiled; on a CPU,
+    with `compiled`, its fp32 and bf16 (where fast) as the AOTInductor packages `vitkit
+    serve` runs (built once into vitkit's cache; the build is the set-up time)."""
     model = model.eval()
     device = next(model.parameters()).device
     fast = fast_precisions(device)
     yield "vitkit", "fp32", optimize(model, "fp32"), 0.0
+    if compiled and device.type == "cpu":
+        for mode in ("fp32", *(["bf16"] if "bf16" in fast else [])):
+            start = time.perf_counter()
+            package = build_compiled(model, mode, batch, private_dir(cache_dir()), lambda _: None)
+            assert package.run is not None
+            yield "vitkit", f"{mode}-compiled", package.run, time.perf_counter() - start
     for mode in ("bf16", "int8"):
         if mode not in fast:
             continue
@@ -356,7 +366,9 @@ def _calibration(model: ViT) -> torch.Tensor:
     return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
 
 
-def bench_inference(preset: str, batch: int, rounds: int, device: torch.device) -> list[Result]:
+def bench_inference(
+    preset: str, batch: int, rounds: int, device: torch.device, compiled: bool = False
+) -> list[Result]:
     model = create_model(preset, num_classes=1000, seed=0).to(device)
     c = model.config
     x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, device=device)
@@ -365,7 +377,7 @@ def bench_inference(preset: str, batch: int, rounds: int, device: torch.device) 
     runs: dict[tuple[str, str], Callable] = {}
     setup: dict[tuple[str, str], float] = {}
     with torch.inference_mode():
-        for impl, mode, fn, seconds in inference_modes(model, batch):
+        for impl, mode, fn, seconds in inference_modes(model, batch, compiled):
             seconds += _seconds(lambda fn=fn: fn(x), device)  # first call compiles, if any
             fn(x)
             runs[impl, mode], setup[impl, mode] = fn, seconds

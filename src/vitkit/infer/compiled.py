@@ -163,7 +163,8 @@ def build_package(model: ViT, signature: Signature, directory: Path) -> Path:
     """
     precision, n = signature.precision, signature.max_batch
     c = model.config
-    example = torch.zeros(min(2, n), c.in_channels, c.image_size, c.image_size)
+    # Traced at batch 2: an example of 1 would make export specialise the batch to 1.
+    example = torch.zeros(2, c.in_channels, c.image_size, c.image_size)
     net = _graph(model, precision)
     if precision == "bf16":
         example = example.bfloat16()
@@ -178,6 +179,7 @@ def build_package(model: ViT, signature: Signature, directory: Path) -> Path:
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(partial), inductor_configs={"freezing": True}
     )
+    _signature_file(path).unlink(missing_ok=True)  # a stale one must not vouch for it
     os.replace(partial, path)
     record = {**signature.as_dict(), "compile_seconds": round(time.perf_counter() - start, 1)}
     atomic_write(_signature_file(path), json.dumps(record, indent=1) + "\n")
