@@ -139,8 +139,8 @@ class Service:
         """Queues the inputs for the batcher; a 503 when its queue is full."""
         try:
             return self.batcher.submit(inputs, k)
-        except QueueFull as e:
-            raise ApiError(503, f"the service is busy: {e}; retry shortly", _RETRY_AFTER) from None
+        except QueueFull:
+            raise _busy(self.batcher) from None
 
     def inputs(self, data: bytes) -> torch.Tensor:
         """Uploaded bytes as the model's normalised (1, C, S, S) input."""
@@ -151,6 +151,12 @@ class Service:
         """`top_k` from the body's fields, else the query, else the default; at most every class."""
         k = parse_top_k(fields.get("top_k", query or DEFAULT_TOP_K))
         return min(k, self.model.config.num_classes)
+
+
+def _busy(batcher: MicroBatcher) -> ApiError:
+    """The 503 for a request that finds the batcher's queue full."""
+    message = f"the service is busy: {batcher.max_queue} images are waiting for the model already"
+    return ApiError(503, f"{message}; retry shortly", _RETRY_AFTER)
 
 
 router = APIRouter()
@@ -179,12 +185,7 @@ async def predict(request: Request, top_k: TopK = None) -> JSONResponse:
     start = time.perf_counter()
     service = _service(request)
     if service.batcher.full:  # refused before its upload is read: waiting for it buys nothing
-        raise ApiError(
-            503,
-            f"the service is busy: {service.batcher.max_queue} images are waiting for the "
-            "model already; retry shortly",
-            _RETRY_AFTER,
-        )
+        raise _busy(service.batcher)
     with service.batcher.incoming():
         data, fields = await read_upload(request, service.max_upload_bytes, service.read_timeout_s)
         k = service.top_k(fields, top_k)
