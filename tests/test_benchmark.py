@@ -68,6 +68,12 @@ def test_the_int8_peak_is_measured_through_onednn() -> None:
     assert "threads" in benchmark.machine(torch.device("cpu"))
 
 
+def test_the_onnx_runtime_int8_peak_is_measured() -> None:
+    """The peak of the kernel vitkit's int8 runs on CPUs without VNNI: ONNX Runtime's integer
+    matmul, counted as 2 * 2048**3 operations a call (a plausible, nonzero rate)."""
+    assert 0.01 < benchmark.ort_int8_matmul_peak(repeats=1) < 1000
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_bench_on_missing_gpu_says_so() -> None:
     with pytest.raises(SystemExit, match="no CUDA GPU"):

@@ -51,11 +51,15 @@ def test_bf16_keeps_predictions(fashion):
     assert agree >= 0.99 and abs(delta) <= 0.005 and prob < 0.1
 
 
-@pytest.mark.skipif("int8" not in runtime.fast_precisions(), reason="no int8 dot products here")
-def test_int8_keeps_predictions_at_any_batch_size(fashion):
+@pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
+def test_int8_keeps_predictions_at_any_batch_size(fashion, backend, monkeypatch):
+    if backend == "onednn" and runtime.int8_backend() != "onednn":
+        pytest.skip("no int8 dot products here: oneDNN's int8 would run a slow fallback")
+    if backend == "onnxruntime":  # what a CPU with AVX2 but no VNNI runs
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
     model, x, labels = fashion
-    fast = vitkit.optimize(model, "int8")  # calibrates on the images the model ships with
-    assert fast.precision == "int8" and fast.compile_seconds > 0
+    fast = vitkit.optimize(model, "int8")  # oneDNN's calibrates on the model's images
+    assert fast.precision == "int8" and fast.backend == backend and fast.compile_seconds > 0
     agree, delta, prob = _agreement(model, fast, x[:256], labels[:256])
     assert agree >= 0.98 and abs(delta) <= 0.01 and prob < 0.2
     # Batches are padded to compiled sizes: 3 images give what they give one at a time.
@@ -67,8 +71,12 @@ def test_int8_keeps_predictions_at_any_batch_size(fashion):
 
 def test_auto_chooses_only_fast_and_usable_modes(monkeypatch):
     model = vitkit.create_model("Ti/7@28")
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"sse4_2"}))
     assert runtime.fast_precisions() == [] and vitkit.optimize(model).precision == "fp32"
+    # AVX2 without VNNI: int8 by ONNX Runtime, when enough images repay exporting the model.
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert runtime.fast_precisions() == ["int8"] and runtime.int8_backend() == "onnxruntime"
+    assert vitkit.optimize(model, num_images=10).precision == "fp32"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
     assert runtime.fast_precisions() == ["int8", "bf16"]
     # No calibration images (an untrained model), or too few images to repay compiling: bf16.
@@ -79,10 +87,11 @@ def test_auto_chooses_only_fast_and_usable_modes(monkeypatch):
     assert runtime.resolve_precision("auto", allow_int8=True) == "int8"
 
 
-def test_bad_precisions_are_rejected():
+def test_bad_precisions_are_rejected(monkeypatch):
     model = vitkit.create_model("Ti/7@28")
     with pytest.raises(ValueError, match="precision must be one of"):
         vitkit.optimize(model, "fp16")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
     with pytest.raises(ValueError, match="int8 needs calibration images"):
         vitkit.optimize(model, "int8")
     with pytest.raises(TypeError, match="takes a vitkit ViT"):

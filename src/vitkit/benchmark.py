@@ -4,7 +4,8 @@ Every implementation runs the same architecture with the same (converted) weight
 resolution and precision; runs alternate between implementations, so that a machine that
 speeds up or slows down affects all of them alike, and the median of the rounds is kept.
 The machine's fp32, bf16 and int8 matmul peaks are measured in the same run (int8 through the
-oneDNN quantised linear that vitkit's int8 calls, whose kernel and ISA are reported), and each
+kernels vitkit's int8 calls here: oneDNN's quantised linear, whose kernel and ISA are reported,
+on CPUs with VNNI or AMX; ONNX Runtime's integer matmul on CPUs with AVX2 only), and each
 result is also a fraction of the peak of its own precision (on a GPU, the bf16 fraction of a
 training step is its model FLOPs utilisation, MFU). The peers (timm, which needs
 torchvision, and transformers) are no dependencies of vitkit: `pip install 'vitkit[bench]'`
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +81,35 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> f
     b = torch.randn(size, size, device=device).to(dtype)
     a @ b
     best = min(_seconds(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * size**3 / best / 1e12
+
+
+def ort_int8_matmul_peak(repeats: int = 5) -> float:
+    """Best TOPS of a square int8 matmul in ONNX Runtime (`MatMulInteger`, u8 activations by s8
+    weights held as a constant, int32 out): the kernel its dynamic int8 models run."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = 2048
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (size, size), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])],
+        "int8_peak",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [size, size])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "int8_peak.onnx"
+        onnx.save(proto, path)
+        session = onnx_session(path)
+    feed = {"x": rng.integers(0, 256, (size, size), dtype=np.uint8)}
+    session.run(None, feed)
+    best = min(
+        _seconds(lambda: session.run(None, feed), torch.device("cpu")) for _ in range(repeats)
+    )
     return 2 * size**3 / best / 1e12
 
 
@@ -266,7 +297,8 @@ def inference_modes(
     """(impl, mode, fn, setup seconds) for every implementation and precision measured, on
     the device `model` lives on. On a GPU, vitkit's bf16 is also measured compiled; on a CPU,
     with `compiled`, its fp32 and bf16 (where fast) as the AOTInductor packages `vitkit
-    serve` runs (built once into vitkit's cache; the build is the set-up time)."""
+    serve` runs (built once into vitkit's cache; the build is the set-up time). vitkit's
+    int8 on a CPU without VNNI runs in ONNX Runtime ("int8-onnxruntime")."""
     model = model.eval()
     device = next(model.parameters()).device
     fast = fast_precisions(device)
@@ -282,7 +314,8 @@ def inference_modes(
             continue
         start = time.perf_counter()
         net = optimize(model, mode, calibration=_calibration(model))
-        yield "vitkit", mode, net, time.perf_counter() - start
+        shown = f"{mode}-onnxruntime" if net.backend == "onnxruntime" else mode
+        yield "vitkit", shown, net, time.perf_counter() - start
         if mode == "bf16" and device.type == "cuda":
             yield "vitkit", "bf16-compiled", _compiled(net.net), 0.0
     if device.type == "cpu":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from vitkit.data.dataset import ImageDataset
 from vitkit.data.preprocess import preprocess
+from vitkit.data.stream import ImageStream
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_confusion
 from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
@@ -43,11 +45,12 @@ class EvalReport:
 @torch.no_grad()
 def evaluate(
     model: ViT | torch.nn.Module,
-    dataset: ImageDataset,
+    dataset: ImageDataset | ImageStream,
     batch_size: int = 256,
     progress: bool = True,
 ) -> EvalReport:
-    """Score `model` on every image of `dataset`, on the device the model is on.
+    """Score `model` on every image of `dataset` (in memory, or streamed from files), on the
+    device the model is on.
 
     Images are resized and their channels matched to the model's as needed. A model whose
     labels are the dataset's classes in another order is scored by name, not by index.
@@ -71,9 +74,9 @@ def evaluate(
             unit="img",
             disable=not progress,
         ) as bar:
-            for i in range(0, len(dataset), batch_size):
-                images = dataset.images[i : i + batch_size].to(device, non_blocking=True)
-                y = dataset.labels[i : i + batch_size].to(device, non_blocking=True)
+            for images, y in _batches(dataset, batch_size):
+                images = images.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
                 logits = model(preprocess(images, model.config).to(dtype)).float()
                 if order is not None:
                     logits = logits[:, order]
@@ -107,7 +110,18 @@ def evaluate(
     )
 
 
-def _check(model: torch.nn.Module, dataset: ImageDataset, batch_size: int) -> None:
+def _batches(
+    dataset: ImageDataset | ImageStream, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) of every image, in order."""
+    if isinstance(dataset, ImageStream):
+        yield from dataset.batches(0, range(len(dataset)), batch_size, drop_last=False)
+        return
+    for i in range(0, len(dataset), batch_size):
+        yield dataset.images[i : i + batch_size], dataset.labels[i : i + batch_size]
+
+
+def _check(model: torch.nn.Module, dataset: ImageDataset | ImageStream, batch_size: int) -> None:
     """Refuse a dataset the model cannot be scored on, saying why."""
     n = model.config.num_classes
     if len(dataset) == 0:

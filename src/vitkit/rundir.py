@@ -4,6 +4,7 @@ these files takes the names from here.
 
     config.json  model.safetensors  labels.json  calibration.safetensors    the model
     train.json   metrics.jsonl      loss.png     accuracy.png               the run
+    skipped.txt                                    unreadable files a streamed run passed over
     best/                                          the best model so far (a model directory)
     checkpoints/ last.json  step-<N>/ (state.json + safetensors)  step-<N>.partial/
     eval/        eval.json  confusion.png          written by `vitkit eval`
@@ -23,6 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 ACCURACY_PLOT = "accuracy.png"
 BEST_DIR = "best"
+SKIPPED_FILE = "skipped.txt"
 
 # -- its training state (see train/checkpoint.py) -----------------------------------------
 CHECKPOINTS = "checkpoints"

@@ -69,13 +69,27 @@ def fast_precisions(device: str | torch.device = "cpu") -> list[str]:
         return ["bf16"] if torch.cuda.is_bf16_supported() else []
     if device.type != "cpu":
         return []
-    flags = cpu_flags()
-    modes = []
-    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"} and torch.backends.mkldnn.is_available():
-        modes.append("int8")
-    if flags & {"amx_bf16", "avx512_bf16"}:
+    modes = ["int8"] if int8_backend() else []
+    if cpu_flags() & {"amx_bf16", "avx512_bf16"}:
         modes.append("bf16")
     return modes
+
+
+def int8_backend() -> str | None:
+    """Whose kernels run int8 inference fast on this CPU, or None.
+
+    "onednn": PyTorch's quantised linear layers (oneDNN), on CPUs with int8 dot products
+    (AVX-512-VNNI, AVX-VNNI, AMX). "onnxruntime": ONNX Runtime's dynamic int8 (its AVX2
+    kernels multiply u8 by s8 pairwise), on x86 CPUs with AVX2 but no VNNI, where oneDNN falls
+    back to a slow reference path: measured on a 2-core AVX2 EPYC, S/16 and B/16 ran 1.6-2.0x
+    faster than fp32 in it, and PyTorch's int8 slower than fp32 (BENCHMARKS.md).
+    """
+    flags = cpu_flags()
+    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"} and torch.backends.mkldnn.is_available():
+        return "onednn"
+    if "avx2" in flags:
+        return "onnxruntime"
+    return None
 
 
 def resolve_precision(

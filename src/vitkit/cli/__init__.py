@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from vitkit.cli.bench import add_bench_command
 from vitkit.cli.convert import add_convert_command
 from vitkit.cli.create import add_create_command
+from vitkit.cli.data import add_data_command
 from vitkit.cli.eval import add_eval_command
 from vitkit.cli.explain import add_explain_command
 from vitkit.cli.export import add_export_command
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_bench_command(sub)
     add_convert_command(sub)
+    add_data_command(sub)
     add_info_command(sub)
     return parser
 

@@ -71,7 +71,8 @@ def add_precision_argument(p: argparse.ArgumentParser, default: str) -> None:
         choices=PRECISIONS,
         default=default,
         help=f"inference precision (default: {default}); auto: the fastest mode that keeps "
-        "accuracy on this hardware (bf16, or int8 for longer work), fp32: exact",
+        "accuracy on this hardware (bf16, or int8 for longer work), fp32: exact; int8 runs "
+        "in oneDNN on CPUs with VNNI or AMX, in ONNX Runtime on CPUs with AVX2 only",
     )
 
 

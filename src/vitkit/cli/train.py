@@ -16,6 +16,8 @@ TRAIN_SETTINGS = (
     "data",
     "data_dir",
     "val_fraction",
+    "stream",
+    "workers",
     "model",
     "epochs",
     "batch_size",
@@ -24,6 +26,7 @@ TRAIN_SETTINGS = (
     "seed",
     "precision",
     "compile",
+    "checkpoint_activations",
     "ema_decay",
     "weight_decay",
     "warmup_epochs",
@@ -69,6 +72,24 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="held out of each class of an image folder without val/ (default: 0.1)",
     )
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument(
+        "--stream",
+        action="store_const",
+        const=True,
+        help="read an image folder file by file, each image cropped at full resolution "
+        "(default: when it would take more than 5%% of the memory available)",
+    )
+    memory.add_argument(
+        "--in-memory",
+        dest="stream",
+        action="store_const",
+        const=False,
+        help="decode an image folder into memory at the model's size first",
+    )
+    p.add_argument(
+        "--workers", type=int, help="decoding processes when streaming (default: one per core)"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per step, over all processes")
     p.add_argument(
@@ -88,6 +109,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="torch.compile the model (single process; pays for large models, see BENCHMARKS)",
+    )
+    p.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in the backward pass: far less memory, "
+        "10-25%% more time a step",
     )
     p.add_argument("--ema-decay", type=float, help="keep an EMA of weights (e.g. 0.999)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a ViTConfig override")

@@ -1,13 +1,16 @@
-"""Data: every dataset becomes uint8 image tensors in memory, plus labels and class names.
+"""Data: datasets as uint8 image tensors in memory, or streamed from their files.
 
 Small datasets (MNIST-sized, scikit-learn digits, modest image folders) are held as one
 (N, C, H, W) uint8 tensor so that a training step does no per-image Python work; batches are
-augmented and normalised as whole tensors (see transforms.py).
+augmented and normalised as whole tensors (see transforms.py). Image folders too large for
+that are streamed: decoded batch by batch in worker processes, each training image cropped at
+random from the full-resolution file (stream.py).
 
     load_dataset("fashion-mnist", "train")        IDX files (idx.py), checksummed
     load_dataset("digits", "test")                scikit-learn's 8x8 digits (digits.py)
     load_dataset("photos/", "val", image_size=32) one subfolder per class (folder.py)
     load_dataset("kmnist/", "test")               a folder of IDX files (idx.py)
+    stream_folder("photos/", "train", 224, 3)     file by file, in worker processes
 """
 
 from vitkit.data.dataset import (
@@ -21,8 +24,9 @@ from vitkit.data.dataset import (
 from vitkit.data.digits import load_digits
 from vitkit.data.folder import load_image_folder, split_image_folder
 from vitkit.data.idx import load_idx, load_idx_dir, read_idx
-from vitkit.data.load import DATASETS, load_dataset
+from vitkit.data.load import DATASETS, load_dataset, stream_folder
 from vitkit.data.preprocess import load_image, normalize, preprocess, to_float
+from vitkit.data.stream import ImageStream, RandomResizedCrop
 from vitkit.data.transforms import AugmentConfig, TrainTransform, mix
 
 __all__ = [
@@ -31,6 +35,8 @@ __all__ = [
     "AugmentConfig",
     "DatasetError",
     "ImageDataset",
+    "ImageStream",
+    "RandomResizedCrop",
     "TrainTransform",
     "calibration_sample",
     "dataset_stats",
@@ -46,5 +52,6 @@ __all__ = [
     "read_idx",
     "split_image_folder",
     "stratified_split",
+    "stream_folder",
     "to_float",
 ]

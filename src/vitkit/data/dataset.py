@@ -77,15 +77,17 @@ def stratified_split(
     return (~mask).nonzero().flatten(), mask.nonzero().flatten()
 
 
-def dataset_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) standard deviation of the pixels, in [0, 1] units.
+def dataset_stats(ds: ImageDataset | torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) standard deviation of the pixels of a dataset or of
+    uint8 images (N, C, H, W), in [0, 1] units.
 
     Exact and cheap: a 256-bin histogram per channel, no float copy of the images.
     """
+    images = ds.images if isinstance(ds, ImageDataset) else ds
     values = torch.arange(256, dtype=torch.float64) / 255
     means, stds = [], []
-    for c in range(ds.channels):
-        counts = torch.bincount(ds.images[:, c].reshape(-1), minlength=256).double()
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
         p = counts / counts.sum()
         mean = float((p * values).sum())
         var = float((p * (values - mean) ** 2).sum())

@@ -62,7 +62,7 @@ def load_image_folder(
         extra = set(find_classes(root)) - set(classes)
         if extra:
             raise DatasetError(f"{root}: class folder(s) {sorted(extra)} not among {classes}")
-    files, labels, ignored = _list_images(root, classes)
+    files, labels, ignored = list_images(root, classes)
     if subset != "all":
         train, val = stratified_split(torch.tensor(labels, dtype=torch.int64), val_fraction, seed)
         keep = (train if subset == "train" else val).tolist()
@@ -117,8 +117,9 @@ def _decode_all(
     return images, kept, skipped
 
 
-def _list_images(root: Path, classes: Sequence[str]) -> tuple[list[Path], list[int], int]:
-    """(files, labels, how many files were ignored as not images), in a stable order."""
+def list_images(root: Path, classes: Sequence[str]) -> tuple[list[Path], list[int], int]:
+    """The image files (by their names) under `root`/<class>/, hidden ones left out, sorted by
+    class and path: (files, labels, how many files were ignored as not images)."""
     extensions = image_extensions()
     files, labels, ignored = [], [], 0
     for label, cls in enumerate(classes):

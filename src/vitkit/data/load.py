@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -11,6 +12,7 @@ from vitkit.data.digits import load_digits
 from vitkit.data.folder import find_classes, load_image_folder
 from vitkit.data.idx import KNOWN, is_idx_dir, load_idx, load_idx_dir
 from vitkit.data.preprocess import resize, to_float
+from vitkit.data.stream import FolderSource, ImageStream, RandomResizedCrop
 
 DATASETS = ("fashion-mnist", "mnist", "digits")
 
@@ -65,25 +67,64 @@ def _load_folder_split(
     seed: int,
 ) -> ImageDataset:
     size, chans, name = image_size or 224, channels or 3, root.name
+    directory, classes, subset = folder_layout(root, split)
+    return load_image_folder(
+        directory,
+        chans,
+        size,
+        classes=classes,
+        subset=subset,
+        val_fraction=val_fraction,
+        seed=seed,
+        name=name,
+    )
+
+
+def folder_layout(
+    root: Path, split: str
+) -> tuple[Path, list[str] | None, Literal["all", "train", "val"]]:
+    """Where a split of an image folder lies: (directory, its class names if they are fixed by
+    a training folder, the part of a fraction split it is or "all").
+
+    A folder with `train/` and `val/` or `test/` uses them ("val" and "test" each prefer their
+    own folder and fall back on the other); any other folder (or a lone `train/` in it) is
+    split by fraction into "train" and "val" ("test" is taken for "val")."""
     train_dir = root / "train"
     held_out_dirs = [d for d in (root / "val", root / "test") if d.is_dir()]
     if train_dir.is_dir() and held_out_dirs:
         if split == "train":
-            return load_image_folder(train_dir, chans, size, name=name)
+            return train_dir, None, "all"
         if split not in ("val", "test"):
             raise DatasetError(f"{root} has splits train and val/test, not {split!r}")
-        # "val" and "test" each prefer their own folder and fall back on the other one.
         held_out = root / split if (root / split).is_dir() else held_out_dirs[0]
-        classes = find_classes(train_dir)
-        return load_image_folder(held_out, chans, size, classes=classes, name=name)
+        return held_out, find_classes(train_dir), "all"
     if train_dir.is_dir():
         root = train_dir  # a train/ folder alone is split by fraction, like a plain folder
     if split not in ("train", "val", "test"):
         raise DatasetError(f"{root} is split by fraction into 'train' and 'val', not {split!r}")
-    subset = "train" if split == "train" else "val"  # the folder's only held-out part
-    return load_image_folder(
-        root, chans, size, subset=subset, val_fraction=val_fraction, seed=seed, name=name
+    return root, None, "train" if split == "train" else "val"
+
+
+def stream_folder(
+    root: str | Path,
+    split: str,
+    image_size: int,
+    channels: int,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    crop: RandomResizedCrop | None = None,
+    workers: int | None = None,
+) -> ImageStream:
+    """A split of an image folder (laid out as `load_dataset` reads it), streamed from its
+    files: listed now, decoded batch by batch (see `vitkit.data.stream`)."""
+    root = Path(root)
+    directory, classes, subset = folder_layout(root, split)
+    source = FolderSource.open(
+        directory, classes=classes, subset=subset, val_fraction=val_fraction, seed=seed
     )
+    source.name = root.name
+    return ImageStream(source, image_size, channels, crop, seed, workers)
 
 
 def _conform(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:

@@ -27,10 +27,11 @@ matched, centre-cropped, resized with the model's filter, then `(x - mean) / std
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -82,6 +83,8 @@ _ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# Orientations that turn the image by 90 degrees: its width is the file's height.
+_TURNS = (5, 6, 7, 8)
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, which has no FIFOs to open
 _FILE_KINDS = (
@@ -99,19 +102,40 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in formats}
 
 
+# (width, height) of an image, as a viewer shows it -> the box to cut from it, in fractions of
+# the width and height: (left, top, right, bottom).
+Crop = Callable[[int, int], tuple[float, float, float, float]]
+
+
+def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
+    """The centre square's box (the default `Crop`: shorter side to size, centre crop)."""
+    side = min(width, height)
+    return (
+        (width - side) / 2 / width,
+        (height - side) / 2 / height,
+        (width + side) / 2 / width,
+        (height + side) / 2 / height,
+    )
+
+
 def load_image(
-    source: str | Path | Image.Image,
+    source: str | Path | BinaryIO | Image.Image,
     channels: int = 3,
     image_size: int = 224,
     interpolation: str = "bicubic",
     *,
     max_pixels: int | None = None,
+    crop: Crop = centre_square,
 ) -> torch.Tensor:
     """One image as uint8 (channels, image_size, image_size), decoded by the module's rules.
 
-    An image over `max_pixels` (see `check_pixels`) is refused before it is decoded: with
-    `ImageTooLarge` for a PIL image, `UnreadableImage` for a file. By default a file's limit is
-    Pillow's own (twice `Image.MAX_IMAGE_PIXELS`), a PIL image's none.
+    `crop` picks the part of the image resized to image_size x image_size (default: the centre
+    square); a JPEG is decoded at the smallest reduced scale that still covers it, so a random
+    crop of a large photo samples the photo at full detail where it needs it. A file object
+    is read as a file's bytes would be (e.g. a member of a tar shard). An image over
+    `max_pixels` (see `check_pixels`) is refused before it is decoded: with `ImageTooLarge` for
+    a PIL image, `UnreadableImage` for a file. By default a file's limit is Pillow's own (twice
+    `Image.MAX_IMAGE_PIXELS`), a PIL image's none.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -121,17 +145,25 @@ def load_image(
     if isinstance(source, Image.Image):
         if max_pixels is not None:
             check_pixels(source, max_pixels)
-        return _to_tensor(_decode(source, channels, image_size, resample))
-    path = Path(source)
+        return _to_tensor(_decode(source, channels, image_size, resample, crop))
+    path = Path(getattr(source, "name", "<bytes>")) if hasattr(source, "read") else Path(source)
     if max_pixels is None and Image.MAX_IMAGE_PIXELS:
         max_pixels = 2 * int(Image.MAX_IMAGE_PIXELS)  # where Image.open raises its bomb error
     try:
-        with _open_regular(path) as f, Image.open(f, formats=IMAGE_FORMATS) as img:
+        opened = contextlib.nullcontext(source) if hasattr(source, "read") else open_regular(path)
+        with opened as f, Image.open(f, formats=IMAGE_FORMATS) as img:
             if max_pixels is not None:
                 check_pixels(img, max_pixels)
-            # JPEGs can decode straight at a reduced scale that still covers image_size.
-            img.draft(None, (image_size, image_size))
-            return _to_tensor(_decode(img, channels, image_size, resample))
+            # JPEGs can decode straight at a reduced scale that still covers the crop at
+            # image_size: the box's share of each side, in the file's own orientation.
+            turned = _orientation(img) in _TURNS
+            w, h = img.size[::-1] if turned else img.size
+            x0, y0, x1, y1 = crop(w, h)
+            need = (image_size / max(x1 - x0, 1e-6), image_size / max(y1 - y0, 1e-6))
+            need = need[::-1] if turned else need
+            fw, fh = img.size
+            img.draft(None, (min(math.ceil(need[0]), fw), min(math.ceil(need[1]), fh)))
+            return _to_tensor(_decode(img, channels, image_size, resample, crop))
     except UnidentifiedImageError:
         formats = ", ".join(IMAGE_FORMATS)
         raise UnreadableImage(path, f"not an image in a format read here ({formats})") from None
@@ -180,7 +212,7 @@ def _first_int(value: object) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def _open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path) -> BinaryIO:
     """`path` opened for reading, or OSError if it is not a regular file: opening a FIFO
     would wait for a writer, and a device could block or never end."""
     _check_regular(os.stat(path).st_mode)
@@ -200,22 +232,39 @@ def _check_regular(mode: int) -> None:
         raise OSError(f"not a regular file ({kind})")
 
 
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 def _decode(
-    img: Image.Image, channels: int, image_size: int, resample: Image.Resampling
+    img: Image.Image,
+    channels: int,
+    image_size: int,
+    resample: Image.Resampling,
+    crop: Crop = centre_square,
 ) -> Image.Image:
     img.load()  # a PNG's eXIf chunk may follow its pixels
-    method = _ORIENTATION.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    method = _ORIENTATION.get(_orientation(img))
     if method is not None:
         # Oriented before reducing, so reduction's blocks line up with the output's edges.
         # A copy, but oriented images are nearly always JPEGs, already decoded at a reduced scale.
         img = img.transpose(method)
     w, h = img.size
-    side = min(w, h)
-    factor = max(1, side // (_REDUCING_GAP * image_size))
+    # Cropping the box in source coordinates and resizing it in one step is the same as, for
+    # the centre square, "shorter side to image_size, then centre crop", without rounding the
+    # size in between.
+    if crop is centre_square:  # in pixels, exactly as before crops could be chosen
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    else:
+        fx0, fy0, fx1, fy1 = crop(w, h)
+        box = (fx0 * w, fy0 * h, fx1 * w, fy1 * h)
+    side = min(box[2] - box[0], box[3] - box[1])
+    factor = max(1, int(side // (_REDUCING_GAP * image_size)))
     mode = "L" if channels == 1 else "RGB"
-    # Cropping the centre square in source coordinates and resizing it in one step is the same
-    # as "shorter side to image_size, then centre crop", without rounding the size in between.
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
     if factor == 1 and w * h <= (2 * _REDUCING_GAP * image_size) ** 2:
         # No larger than a square that would be reduced: converted at once, as it always was.
         img = _to_8bit(img).convert(mode)
@@ -225,7 +274,7 @@ def _decode(
     # Only the square and what the filter reaches around it (bicubic: 2 output pixels, and a
     # block more for rounding) are converted, in whole blocks of the reduction: a panorama's
     # far ends never are.
-    reach = 2 * side / image_size + factor
+    reach = 2 * max(box[2] - box[0], box[3] - box[1]) / image_size + factor
     x0 = max(0, math.floor((box[0] - reach) / factor) * factor)
     y0 = max(0, math.floor((box[1] - reach) / factor) * factor)
     x1 = min(w, math.ceil((box[2] + reach) / factor) * factor)

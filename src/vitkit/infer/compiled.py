@@ -1,20 +1,25 @@
-"""Compiled models kept on disk: AOTInductor packages, built once and loaded in milliseconds.
+"""Compiled models kept on disk: AOTInductor packages and ONNX Runtime files, built once and
+loaded in milliseconds.
 
-A package (`<precision>-<key>.pt2`) is the model compiled by inductor for one precision and
-a range of batch sizes (1 to `max_batch`, one compile for all), with a signature beside it
-(`<precision>-<key>.json`): the model's content hash, the precision, the batch range, the
-torch and vitkit versions and the CPU's features. The signature is checked before a package
-is opened, so one built for another model, CPU or torch is rebuilt, never run.
+A package (`<variant>-<key>.pt2`) is the model compiled by inductor for one precision and
+a range of batch sizes (1 to `max_batch`, one compile for all); variants "onnx-fp32" and
+"onnx-int8" are ONNX files (`<variant>-<key>.onnx`, any batch) that ONNX Runtime runs
+(`infer/onnxrt.py`). Beside each is a signature (`<variant>-<key>.json`): the model's
+content hash, the variant, the batch range, the torch and vitkit versions and the CPU's
+features. The signature is checked before a package is opened, so one built for another
+model, CPU or torch is rebuilt, never run.
 
 A package is native code. vitkit loads packages only from its own cache (`cache_dir()`, a
 directory owned by this user that no one else can write) or from a path the user names;
 a package that arrives inside a model directory is never loaded on its own.
 
-`auto` builds the candidates this CPU may run fast (int8 where it has int8 dot products and
-the model carries calibration images, bf16 where it has fast bf16, else fp32), measures each
-and the eager model on the batch sizes a service runs, and keeps what pays: a package must
-beat the eager model by `MARGIN` (it holds a second copy of the weights), int8 must beat the
-rest by as much (it costs some accuracy). The choice ("eager" when nothing compiled pays)
+`auto` builds the candidates this CPU may run fast (`auto_candidates`: int8 by oneDNN where
+the CPU has int8 dot products and the model carries calibration images, ONNX Runtime's int8
+wherever it runs int8 fast, bf16 where the CPU has fast bf16, else fp32 by inductor and by
+ONNX Runtime), measures each and the eager model on the batch sizes a service runs, and keeps
+what pays: a package must beat the eager model by `MARGIN` (it holds a second copy of the
+weights), int8 must beat the rest by as much (it costs some accuracy). The choice ("eager"
+when nothing compiled pays)
 and its reason are recorded beside the packages (`auto-<key>.json`), so the next start loads
 the winner at once.
 """
@@ -36,9 +41,10 @@ from typing import Any
 import torch
 
 from vitkit import __version__
+from vitkit.infer.onnxrt import OnnxRuntimeNet, write_onnx
 from vitkit.infer.optimize import optimize, quantized_graph
 from vitkit.model.vit import ViT
-from vitkit.runtime import cpu_flags, cpu_name, fast_precisions
+from vitkit.runtime import cpu_flags, cpu_name, fast_precisions, int8_backend
 from vitkit.weights.format import CheckpointError, atomic_write, one_line, read_json
 
 FORMAT = 1
@@ -61,6 +67,11 @@ CPU_FEATURES = (
 MARGIN = 1.1
 # Each measurement: at least this many calls and this long, at most MAX_CALLS calls.
 MIN_CALLS, MIN_SECONDS, MAX_CALLS = 3, 1.0, 20
+
+# What can be compiled: by inductor (AOTInductor packages), and by ONNX Runtime.
+INDUCTOR_VARIANTS = ("fp32", "bf16", "int8")
+ONNX_VARIANTS = ("onnx-fp32", "onnx-int8")
+VARIANTS = INDUCTOR_VARIANTS + ONNX_VARIANTS
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -147,7 +158,14 @@ def private_dir(path: Path) -> Path:
 
 
 def package_path(directory: Path, signature: Signature) -> Path:
-    return directory / f"{signature.precision}-{signature.key}.pt2"
+    suffix = ".onnx" if signature.precision in ONNX_VARIANTS else ".pt2"
+    return directory / f"{signature.precision}-{signature.key}{suffix}"
+
+
+def holds_gil(variant: str) -> bool:
+    """Whether a call of this variant holds Python's interpreter lock until it returns:
+    AOTInductor's runner does, onnxruntime releases it."""
+    return variant not in ONNX_VARIANTS
 
 
 def _signature_file(package: Path) -> Path:
@@ -162,6 +180,13 @@ def build_package(model: ViT, signature: Signature, directory: Path) -> Path:
     last, is what marks it complete.
     """
     precision, n = signature.precision, signature.max_batch
+    path = package_path(directory, signature)
+    if precision in ONNX_VARIANTS:
+        start = time.perf_counter()
+        partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
+        write_onnx(model, precision.removeprefix("onnx-"), partial)
+        _mark_complete(path, partial, signature, start)
+        return path
     c = model.config
     # Traced at batch 2: an example of 1 would make export specialise the batch to 1.
     example = torch.zeros(2, c.in_channels, c.image_size, c.image_size)
@@ -173,17 +198,22 @@ def build_package(model: ViT, signature: Signature, directory: Path) -> Path:
     start = time.perf_counter()
     with torch.no_grad():
         program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
-    path = package_path(directory, signature)
     partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # aoti wants .pt2
     # Freezing folds the weights into constants prepacked for oneDNN (int8 needs it).
     torch._inductor.aoti_compile_and_package(
         program, package_path=str(partial), inductor_configs={"freezing": True}
     )
+    _mark_complete(path, partial, signature, start)
+    return path
+
+
+def _mark_complete(path: Path, partial: Path, signature: Signature, start: float) -> None:
+    """Moves the finished `partial` file to `path`, then writes the signature that vouches
+    for it."""
     _signature_file(path).unlink(missing_ok=True)  # a stale one must not vouch for it
     os.replace(partial, path)
     record = {**signature.as_dict(), "compile_seconds": round(time.perf_counter() - start, 1)}
     atomic_write(_signature_file(path), json.dumps(record, indent=1) + "\n")
-    return path
 
 
 def _graph(model: ViT, precision: str) -> torch.nn.Module:
@@ -214,6 +244,12 @@ def load_package(path: Path, expected: Signature) -> Runner:
     reason = expected.mismatch(found)
     if reason is not None:
         raise StalePackage(f"{path}: {reason}")
+    if expected.precision in ONNX_VARIANTS:
+        try:
+            net = OnnxRuntimeNet(path, expected.precision.removeprefix("onnx-"))
+        except Exception as e:  # a file torn after its signature was written
+            raise StalePackage(f"{path}: cannot load: {one_line(str(e))}") from None
+        return torch.inference_mode()(net)
     try:
         # The C++ loader itself: `aoti_load_package` would first import inductor (2 s on two
         # cores, holding the interpreter lock) only to flatten one tensor argument.
@@ -244,9 +280,17 @@ def images_per_second(run: Runner, model: ViT, batch_size: int) -> float:
 
 # -- auto: what pays ---------------------------------------------------------------------------
 def auto_candidates(model: ViT) -> list[str]:
-    """The precisions `auto` compiles and measures on this CPU."""
-    fast = [p for p in fast_precisions("cpu") if p != "int8" or model.calibration is not None]
-    return fast if "bf16" in fast else [*fast, "fp32"]
+    """The variants `auto` compiles and measures on this CPU: oneDNN's int8 where the CPU
+    has int8 dot products and the model calibration images; ONNX Runtime's int8 wherever some
+    int8 is fast (on AMX or VNNI too: measured, not assumed slower); bf16 where fast, else fp32
+    by inductor and by ONNX Runtime (faster than PyTorch on single images on AVX2 CPUs)."""
+    fast = fast_precisions("cpu")
+    out = []
+    if int8_backend() == "onednn" and model.calibration is not None:
+        out.append("int8")
+    if "int8" in fast:
+        out.append("onnx-int8")
+    return [*out, "bf16"] if "bf16" in fast else [*out, "fp32", "onnx-fp32"]
 
 
 def choose(speeds: dict[str, dict[int, float]]) -> tuple[str, str]:
@@ -261,15 +305,17 @@ def choose(speeds: dict[str, dict[int, float]]) -> tuple[str, str]:
         for p, s in speeds.items()
     )
     best = "eager" if "eager" in scores else None
-    packages = sorted((p for p in scores if p not in ("eager", "int8")), key=scores.__getitem__)
+    by_speed = sorted((p for p in scores if p != "eager"), key=scores.__getitem__)
+    packages = [p for p in by_speed if "int8" not in p]
     if packages and (best is None or scores[packages[-1]] >= MARGIN * scores[best]):
         best = packages[-1]
-    if "int8" in scores and (best is None or scores["int8"] >= MARGIN * scores[best]):
-        return "int8", f"fastest measured ({shown})"
+    int8 = [p for p in by_speed if "int8" in p]
+    if int8 and (best is None or scores[int8[-1]] >= MARGIN * scores[best]):
+        return int8[-1], f"fastest measured ({shown})"
     assert best is not None
     if best == "eager":
         return best, f"no compiled model is {MARGIN:.1f}x faster than the eager one ({shown})"
-    if "int8" in scores:
+    if int8:
         return best, f"int8 is not {MARGIN:.1f}x faster than {best} ({shown})"
     return best, f"{MARGIN:.1f}x faster than the eager model or more ({shown})"
 
@@ -297,7 +343,7 @@ def _read_choice(path: Path, expected: Signature) -> tuple[str, str] | None:
     if not isinstance(record, dict) or expected.mismatch(record.get("signature")) is not None:
         return None
     choice, why = record.get("choice"), record.get("why")
-    if choice not in ("eager", "fp32", "bf16", "int8") or not isinstance(why, str):
+    if choice not in ("eager", *VARIANTS) or not isinstance(why, str):
         return None
     return choice, why
 
@@ -313,10 +359,17 @@ class Compiled:
     why: str
 
 
+def variant(precision: str) -> str:
+    """What `precision` compiles as here: int8 by ONNX Runtime on CPUs whose int8 it runs
+    (`runtime.int8_backend`), otherwise by inductor."""
+    return "onnx-int8" if precision == "int8" and int8_backend() == "onnxruntime" else precision
+
+
 def find_compiled(model: ViT, precision: str, max_batch: int, directory: Path) -> Compiled:
     """The package in `directory` for `precision` ("auto": the recorded choice), loaded.
 
     Raises StalePackage when there is none that may run here; nothing is built."""
+    precision = variant(precision)
     signature = Signature.of(model, precision, max_batch)
     why = "asked for"
     if precision == "auto":
@@ -338,6 +391,7 @@ def build_compiled(
     """The package for `precision` in `directory`, built where missing or stale; for "auto",
     every candidate is built and measured against the eager model, and the choice recorded
     (see the module's docstring). `log` gets a line per step."""
+    precision = variant(precision)
     base = Signature.of(model, precision, max_batch)
     wanted = auto_candidates(model) if precision == "auto" else [precision]
     built: dict[str, Compiled] = {}

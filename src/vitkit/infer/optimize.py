@@ -3,11 +3,12 @@
     fp32  the model as it is: exact.
     bf16  bf16 weights and activations (attention as plain matmuls on CPUs, see
           `explicit_attention`); on CPUs with AVX-512-bf16 or AMX, and on GPUs.
-    int8  PyTorch 2 export quantisation with torchao's x86 inductor quantiser: every encoder
-          linear layer in int8 (weights per channel, activations per tensor, calibrated on
-          sample images), attention maths in bf16, patch embedding and head kept in fp32;
-          compiled with inductor. On x86 CPUs with VNNI or AMX.
-    auto  int8 where the CPU has int8 dot products and calibration images are at hand
+    int8  on x86 CPUs with VNNI or AMX: PyTorch 2 export quantisation with torchao's x86
+          inductor quantiser: every encoder linear layer in int8 (weights per channel,
+          activations per tensor, calibrated on sample images), attention maths in bf16,
+          patch embedding and head kept in fp32; compiled with inductor. On x86 CPUs with
+          AVX2 only: ONNX Runtime's dynamic int8 (`infer/onnxrt.py`), no calibration needed.
+    auto  int8 where the CPU runs it fast and, for oneDNN's, calibration images are at hand
           (a trained model carries them), else bf16 where supported, else fp32.
 
 Measured accuracy and speed of each mode are in BENCHMARKS.md (`vitkit bench`,
@@ -29,11 +30,13 @@ from torch import nn
 from vitkit.config import ViTConfig
 from vitkit.data.dataset import CALIBRATION_IMAGES
 from vitkit.data.preprocess import preprocess
+from vitkit.infer.onnxrt import onnxruntime_net
 from vitkit.model.encoder import Attention
 from vitkit.model.vit import ViT
 from vitkit.runtime import (
     Precision,
     fast_precisions,
+    int8_backend,
     resolve_precision,
     reuse_freed_memory,
 )
@@ -71,17 +74,18 @@ class OptimizedViT(nn.Module):
         precision: str,
         input_dtype: torch.dtype,
         device: torch.device,
+        backend: str = "pytorch",
     ) -> None:
         super().__init__()
         self.net = net
         self.config, self.labels, self.precision = config, labels, precision
-        self.input_dtype, self.device = input_dtype, device
+        self.input_dtype, self.device, self.backend = input_dtype, device, backend
         self.compile_seconds = 0.0
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.input_dtype)
-        if self.precision != "int8":
+        if self.precision != "int8" or self.backend == "onnxruntime":
             return self.net(x).float()
         return torch.cat([self._padded(chunk) for chunk in x.split(MAX_BATCH)])
 
@@ -110,7 +114,7 @@ class OptimizedViT(nn.Module):
         return self.device, torch.float32
 
     def extra_repr(self) -> str:
-        return f"precision={self.precision}"
+        return f"precision={self.precision}, backend={self.backend}"
 
 
 def optimize(
@@ -121,8 +125,9 @@ def optimize(
 ) -> OptimizedViT:
     """`model` for fast inference in `precision` on the device it lives on.
 
-    `calibration`: sample images for int8, uint8 (0-255) or float in [0, 1], (N, C, H, W) at
-    any size; defaults to the images a trained model carries (`model.calibration`).
+    `calibration`: sample images for oneDNN's int8, uint8 (0-255) or float in [0, 1],
+    (N, C, H, W) at any size; defaults to the images a trained model carries
+    (`model.calibration`). ONNX Runtime's int8 (CPUs without VNNI) needs none.
     `num_images`, if known, is how many images will be classified: "auto" skips int8 when
     fewer than INT8_MIN_IMAGES would not repay its compilation. The source model is left as
     it is.
@@ -134,11 +139,26 @@ def optimize(
     if calibration is None:
         calibration = model.calibration
     worth_compiling = num_images is None or num_images >= INT8_MIN_IMAGES
-    mode = resolve_precision(precision, device, calibration is not None and worth_compiling)
+    backend = int8_backend() if device.type == "cpu" else None
+    calibrated = calibration is not None or backend == "onnxruntime"
+    mode = resolve_precision(precision, device, calibrated and worth_compiling)
     if mode == "fp32":
         net, dtype = model.eval(), torch.float32
     elif mode == "bf16":
         net, dtype = copy.deepcopy(model).eval().to(torch.bfloat16), torch.bfloat16
+    elif backend == "onnxruntime":
+        start = time.perf_counter()
+        fast = OptimizedViT(
+            onnxruntime_net(model, "int8"),
+            model.config,
+            model.labels,
+            mode,
+            torch.float32,
+            device,
+            backend,
+        )
+        fast.compile_seconds = time.perf_counter() - start
+        return fast
     else:
         if calibration is None:
             raise ValueError(
@@ -146,7 +166,8 @@ def optimize(
                 "a model trained with vitkit (it carries them)"
             )
         net, dtype = compile_int8(model, calibration), torch.float32
-    fast = OptimizedViT(net, model.config, model.labels, mode, dtype, device)
+    backend = "onednn" if mode == "int8" else "pytorch"
+    fast = OptimizedViT(net, model.config, model.labels, mode, dtype, device, backend)
     if mode == "int8":  # compile now, not inside the first prediction
         fast.compile_seconds = fast.warm_up(1)
     return fast

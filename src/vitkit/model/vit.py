@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitkit.config import ViTConfig
 from vitkit.model.encoder import Block
@@ -46,6 +47,7 @@ class ViT(nn.Module):
         self.fc_norm = nn.LayerNorm(c.width, eps=c.ln_eps) if c.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.width, c.num_classes) if c.num_classes else nn.Identity()
+        self.grad_checkpointing = False  # see `set_grad_checkpointing`
         # A model on the meta device has no values to initialise (and initialising them would
         # load torch's reference kernels, seconds the first time).
         if self.pos_embed.device.type != "meta":
@@ -81,6 +83,13 @@ class ViT(nn.Module):
         param = next(self.parameters())
         return param.device, param.dtype
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Training keeps only each block's input and recomputes the rest of its activations in
+        the backward pass: far less memory for one more forward pass. Dropout and stochastic
+        depth draw the same masks again (the RNG state is restored), so gradients are unchanged.
+        """
+        self.grad_checkpointing = enable
+
     # -- tokens ---------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, T, D): patch tokens with position embeddings, prefix tokens first."""
@@ -110,8 +119,9 @@ class ViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalised tokens (B, T, D)."""
         x = self.embed(x)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, _ = block(x)
+            x, _ = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -32,6 +32,7 @@ from vitkit.infer.compiled import (
     StalePackage,
     cache_dir,
     find_compiled,
+    holds_gil,
     private_dir,
 )
 from vitkit.infer.optimize import optimize
@@ -169,6 +170,10 @@ class Engine:
         if compiled.run is None:
             return compiled
         c = self.model.config
+        if not holds_gil(compiled.precision):  # the event loop runs during its calls
+            compiled.run(torch.zeros(1, c.in_channels, c.image_size, c.image_size))
+            self.chunk = self.max_batch
+            return compiled
         # Batches of 1, 2, 4, ... until a call takes MAX_STALL_S: that sets the chunk size, and
         # no client's request pays for a first call's allocations. Each warm-up call stalls the
         # event loop no longer than a chunk will.

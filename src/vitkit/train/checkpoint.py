@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.files import atomic_write, fsync_dir
 from vitkit.rundir import (
     BEST_DIR,
     CHECKPOINTS,
@@ -40,7 +41,7 @@ from vitkit.rundir import (
     STATE_JSON,
     STATE_PREFIX,
 )
-from vitkit.weights.format import CheckpointError, atomic_write, fsync_dir
+from vitkit.weights.format import CheckpointError
 
 FORMAT_VERSION = 1
 # A state.json is a few kilobytes; anything far larger is not one of ours.

@@ -1,12 +1,15 @@
-"""The training loop: in-memory data, batched augmentation, AdamW, warmup + cosine, EMA,
-per-epoch evaluation, checkpoints every few minutes and exact resume, on one process or many
-(torchrun). Ctrl-C and SIGTERM finish the step, save and stop; a kill loses at most the time
-since the last save.
+"""The training loop: in-memory or streamed data, batched augmentation, AdamW, warmup +
+cosine, EMA, per-epoch evaluation, checkpoints every few minutes and exact resume, on one
+process or many (torchrun). Ctrl-C and SIGTERM finish the step, save and stop; a kill loses at
+most the time since the last save.
 
 Every step draws its randomness (batch order, augmentation, dropout) from generators seeded by
 (seed, epoch, step), so a run resumed from any step retraces the uninterrupted one exactly. With
-several processes, each trains on its slice of the same global batch, so the run follows the
-same course whatever their number (to rounding, and to dropout masks, drawn per micro-batch).
+several processes, each trains on its slice of the same global batch. In memory, every process
+augments the whole batch and keeps its slice, so the run follows the same course whatever their
+number (to rounding, and to dropout masks, drawn per micro-batch); streamed, each process reads
+and augments only its slice (disjoint parts of every epoch), so the course is fixed for a given
+number of processes.
 """
 
 from __future__ import annotations
@@ -31,18 +34,18 @@ from tqdm import tqdm
 
 import vitkit.train.checkpoint as checkpoint
 import vitkit.train.distributed as distributed
-from vitkit.data import ImageDataset
+from vitkit.data import ImageDataset, ImageStream
 from vitkit.data.transforms import TrainTransform
 from vitkit.evaluate import evaluate
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
-from vitkit.rundir import BEST_DIR, METRICS_FILE, TRAIN_CONFIG_FILE
+from vitkit.rundir import BEST_DIR, METRICS_FILE, SKIPPED_FILE, TRAIN_CONFIG_FILE
 from vitkit.runtime import reuse_freed_memory
 from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
 from vitkit.train.optim import build_optimizer, lr_factor
-from vitkit.train.setup import model_and_data, read_saved, use_bf16
+from vitkit.train.setup import Data, model_and_data, read_saved, use_bf16
 from vitkit.weights import CheckpointError, atomic_write, save_model
 
 __all__ = ["TrainResult", "train"]
@@ -88,11 +91,13 @@ class Run:
     ema: list[torch.Tensor] | None
     autocast: torch.autocast
     parts: list[tuple[int, slice, float]]
-    # The data: training images and labels on the device, their augmentation, held-out data.
-    images: torch.Tensor
+    # The data: training images and labels on the device (images None when streamed, read
+    # by `stream` instead), their augmentation, held-out data.
+    images: torch.Tensor | None
     labels: torch.Tensor
+    stream: ImageStream | None
     transform: TrainTransform
-    val_ds: ImageDataset
+    val_ds: ImageDataset | ImageStream
     # The schedule, in steps.
     steps_per_epoch: int
     total: int
@@ -108,9 +113,11 @@ class Run:
     lr: float = 0.0  # the last step's
     start: float = 0.0
     last_save: float = 0.0
-    # For images/s: what this process has trained on of the current epoch, since when.
+    # For images/s: what this process has trained on of the current epoch, since when, and
+    # how long of it the steps waited for their data.
     seen: int = 0
     epoch_start: float = 0.0
+    data_wait: float = 0.0
 
 
 def train(
@@ -119,7 +126,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     device: str | None = None,
-    datasets: tuple[ImageDataset, ImageDataset] | None = None,
+    datasets: tuple[Data, Data] | None = None,
     on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train a ViT as `cfg` says, writing everything into `run_dir` (itself a model dir).
@@ -151,7 +158,7 @@ def _start(
     run_dir: Path,
     states: list[SavedState],
     world: World,
-    datasets: tuple[ImageDataset, ImageDataset] | None,
+    datasets: tuple[Data, Data] | None,
     progress: bool,
 ) -> Run:
     """The run set up: resumed from the newest of `states` that loads, or new; rank 0 writes
@@ -167,6 +174,15 @@ def _start(
         raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(train_ds)} training images")
     total = cfg.epochs * steps_per_epoch
     fused = not cfg.shard and dev.type in ("cpu", "cuda")
+    stream = train_ds if isinstance(train_ds, ImageStream) else None
+    parts = world.micro_batches(cfg.batch_size, cfg.grad_accum)
+    augment = cfg.augment
+    if stream is not None:
+        # Each process reads only its slice of a batch: its micro-batches index into that.
+        first = parts[0][1].start
+        parts = [(j, slice(s.start - first, s.stop - first), w) for j, s, w in parts]
+        # The stream crops each image from its file; the batch transforms do the rest.
+        augment = dataclasses.replace(augment, random_resized_crop=False)
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -179,11 +195,12 @@ def _start(
         optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, fused),
         ema=[p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None,
         autocast=torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)),
-        parts=world.micro_batches(cfg.batch_size, cfg.grad_accum),
-        images=train_ds.images.to(dev),
+        parts=parts,
+        images=train_ds.images.to(dev) if stream is None else None,
         labels=train_ds.labels.to(dev),
+        stream=stream,
         transform=TrainTransform(
-            cfg.augment, model.config.mean, model.config.std, len(train_ds.classes)
+            augment, model.config.mean, model.config.std, len(train_ds.classes)
         ),
         val_ds=val_ds,
         steps_per_epoch=steps_per_epoch,
@@ -245,8 +262,9 @@ def _epoch(run: Run, stop_signal: StopSignal, on_step: StepHook | None) -> bool:
     either end is reached; returns whether a signal stopped the run."""
     cfg, per_epoch = run.cfg, run.steps_per_epoch
     epoch = run.step // per_epoch
-    perm = torch.randperm(len(run.images), generator=_gen(cfg.seed, epoch, -1))
+    perm = torch.randperm(len(run.labels), generator=_gen(cfg.seed, epoch, -1))
     perm = perm.to(run.world.device)
+    batches = _batches(run, epoch, perm)
     bar = tqdm(
         total=per_epoch,
         initial=run.step % per_epoch,
@@ -257,38 +275,66 @@ def _epoch(run: Run, stop_signal: StopSignal, on_step: StepHook | None) -> bool:
     )
     if run.step % per_epoch == 0:  # a new epoch (not one resumed midway): its figures start at 0
         run.sums = (0, 0, 0.0)
-    run.seen, run.epoch_start = 0, time.perf_counter()
+    run.seen, run.epoch_start, run.data_wait = 0, time.perf_counter(), 0.0
     run.net.train()
     stop = False
     while run.step < run.stop_after and run.step // per_epoch == epoch and not stop:
-        stop = _step(run, perm, stop_signal)
-        images, correct, loss = run.sums
+        waited = time.perf_counter()
+        images, labels = next(batches)
+        run.data_wait += time.perf_counter() - waited
+        stop = _step(run, images, labels, stop_signal)
+        seen, correct, loss = run.sums
+        elapsed = time.perf_counter() - run.epoch_start
         bar.update()
         bar.set_postfix(
-            loss=f"{loss / images:.3f}",
-            acc=f"{correct / images:.3f}",
+            loss=f"{loss / seen:.3f}",
+            acc=f"{correct / seen:.3f}",
             lr=f"{run.lr:.2e}",
-            img_s=f"{run.seen / (time.perf_counter() - run.epoch_start):.0f}",
+            img_s=f"{run.seen / elapsed:.0f}",
+            data=f"{run.data_wait / elapsed:.0%}",
         )
         if on_step is not None:
             on_step(run.step)
     bar.close()
+    batches.close()  # a stream's worker processes end with it
     if run.step % per_epoch == 0 or run.step == run.stop_after:
         _end_epoch(run)
     return stop
 
 
-def _step(run: Run, perm: torch.Tensor, stop_signal: StopSignal) -> bool:
-    """One step of the loop: the batch and its random draws, the update, the figures summed
-    over the processes, a save if one is due. Returns whether a signal stops the run."""
+def _batches(
+    run: Run, epoch: int, perm: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (uint8 images, labels) of each step of the epoch from the run's current one: in
+    memory, the whole global batch; streamed, only this process's slice of it."""
+    size, per_epoch = run.cfg.batch_size, run.steps_per_epoch
+    start = run.step % per_epoch
+    if run.stream is None:
+        assert run.images is not None
+        for i in range(start, per_epoch):
+            idx = perm[i * size : (i + 1) * size]
+            yield run.images[idx], run.labels[idx]
+        return
+    parts = run.world.micro_batches(size, run.cfg.grad_accum)
+    first, last = parts[0][1].start, parts[-1][1].stop
+    mine = perm.view(-1)[: per_epoch * size].cpu().view(per_epoch, size)[:, first:last]
+    device = run.world.device
+    for images, labels in run.stream.batches(epoch, mine.reshape(-1).tolist(), last - first, start):
+        yield images.to(device), labels.to(device)
+
+
+def _step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop_signal: StopSignal) -> bool:
+    """One step of the loop: the batch's random draws, the update, the figures summed over
+    the processes, a save if one is due. Returns whether a signal stops the run."""
     cfg = run.cfg
     epoch, i = divmod(run.step, run.steps_per_epoch)
-    idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
     gen = _gen(cfg.seed, epoch, i)
     dropout_seed = int(torch.randint(2**62, (1,), generator=gen))
-    # Every process augments the whole global batch and keeps its part: the random draws (and
-    # mixup's pairs) are then the same for any number of processes.
-    x, targets = run.transform(run.images[idx], run.labels[idx], gen)
+    if run.stream is not None and run.world.size > 1:  # each process's slice draws its own
+        gen = _gen(cfg.seed, epoch, i * run.world.size + run.world.rank + 2**40)
+    # In memory, every process augments the whole global batch and keeps its part: the random
+    # draws (and mixup's pairs) are then the same for any number of processes.
+    x, targets = run.transform(images, labels, gen)
     run.lr = cfg.lr * lr_factor(run.step, run.total, run.warmup, cfg.min_lr_factor)
     losses, hits = _update(run, x, targets, dropout_seed)
     run.step += 1
@@ -299,8 +345,8 @@ def _step(run: Run, perm: torch.Tensor, stop_signal: StopSignal) -> bool:
     )
     stop = stops > 0
     sums = run.sums
-    run.sums = (sums[0] + len(idx), sums[1] + int(hits), sums[2] + losses)
-    run.seen += len(idx)
+    run.sums = (sums[0] + cfg.batch_size, sums[1] + int(hits), sums[2] + losses)
+    run.seen += cfg.batch_size
     if saves and not stop and run.step % run.steps_per_epoch and run.step < run.stop_after:
         _save(run)  # mid-epoch; the epoch's end and a stop save in `_train`
     return stop
@@ -350,8 +396,12 @@ def _end_epoch(run: Run) -> None:
             "train_loss": loss / max(images, 1),
             "train_acc": correct / max(images, 1),
             "images_per_second": run.seen / (time.perf_counter() - run.epoch_start),
+            # The share of the epoch's time spent waiting for batches (decoding, if streamed).
+            "data_wait": run.data_wait / (time.perf_counter() - run.epoch_start),
             "elapsed_s": time.perf_counter() - run.start,
         }
+        if run.stream is not None and run.stream.skipped:
+            _report_skipped(run.run_dir, run.stream.skipped, run.progress)
         with _weights(model, ema):
             with run.autocast:
                 report = evaluate(model, run.val_ds, progress=False)
@@ -362,6 +412,14 @@ def _end_epoch(run: Run) -> None:
         run.val_acc = report.top1
         _log(run, metrics | {"val_loss": report.loss, "val_acc": report.top1})
     run.val_acc, run.best = run.world.broadcast((run.val_acc, run.best))
+
+
+def _report_skipped(run_dir: Path, skipped: dict[str, None], progress: bool) -> None:
+    """The unreadable files a stream passed over so far, into the run directory (one line
+    each: path and reason) and, with progress shown, a line on the console."""
+    atomic_write(run_dir / SKIPPED_FILE, "".join(f"{line}\n" for line in skipped))
+    if progress:
+        print(f"  {len(skipped)} unreadable image file(s) skipped: see {run_dir / SKIPPED_FILE}")
 
 
 def _whole(run: Run) -> tuple[ViT, list[torch.Tensor] | None]:

@@ -10,7 +10,19 @@ from typing import Any
 import torch
 
 from vitkit.config import ViTConfig, get_preset
-from vitkit.data import ImageDataset, calibration_sample, dataset_stats, load_dataset
+from vitkit.data import (
+    CALIBRATION_IMAGES,
+    ImageDataset,
+    ImageStream,
+    RandomResizedCrop,
+    calibration_sample,
+    dataset_stats,
+    load_dataset,
+    stream_folder,
+)
+from vitkit.data.idx import is_idx_dir
+from vitkit.data.load import folder_layout
+from vitkit.data.stream import MEMORY_SHARE, FolderSource, in_memory_bytes, memory_budget
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT
 from vitkit.rundir import STATE_JSON
@@ -19,8 +31,12 @@ from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
 from vitkit.weights import CheckpointError, load_pretrained
 
+# Training or held-out data: in memory, or streamed from an image folder's files.
+Data = ImageDataset | ImageStream
 # Image folders are decoded to this size unless a preset or recipe says otherwise.
 FOLDER_IMAGE_SIZE = 64
+# A streamed dataset's normalisation is measured on this many of its images.
+STATS_IMAGES = 512
 # What a recipe's [model] may change in a pretrained model: regularisation, not weights.
 FINETUNE_OVERRIDES = frozenset({"dropout", "attn_dropout", "drop_path"})
 
@@ -30,10 +46,10 @@ def default_preset(image_size: int) -> str:
     return {28: "Ti/4@28", 32: "Ti/4@32"}.get(image_size, "Ti/4@28")
 
 
-def model_config(cfg: TrainConfig, train: ImageDataset) -> ViTConfig:
+def model_config(cfg: TrainConfig, train: Data) -> ViTConfig:
     """Preset + recipe overrides, fitted to the data: size, channels, classes, normalisation."""
     base = get_preset(cfg.model or default_preset(train.image_size))
-    mean, std = dataset_stats(train)
+    mean, std = dataset_stats(images_of(train, STATS_IMAGES, cfg.seed))
     std = tuple(s if s > 1e-6 else 1.0 for s in std)  # a constant channel: centre it only
     fitted: dict[str, Any] = {
         "image_size": train.image_size,
@@ -55,13 +71,52 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 def load_splits(
     cfg: TrainConfig, image_size: int | None, channels: int | None = None
-) -> tuple[ImageDataset, ImageDataset]:
-    """Training data and held-out data: the dataset's test split, or a folder's validation part."""
+) -> tuple[Data, Data]:
+    """Training data and held-out data: the dataset's test split, or a folder's validation
+    part; an image folder in memory or streamed from its files (`streams`)."""
     kwargs = {"data_dir": cfg.data_dir, "image_size": image_size, "channels": channels}
     if cfg.data in ("fashion-mnist", "mnist", "digits"):
         return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "test", **kwargs)
+    if streams(cfg, image_size or FOLDER_IMAGE_SIZE, channels or 3):
+        aug = cfg.augment
+        crop = (
+            RandomResizedCrop(aug.crop_scale, aug.crop_ratio) if aug.random_resized_crop else None
+        )
+        size, chans = image_size or FOLDER_IMAGE_SIZE, channels or 3
+        split = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "workers": cfg.workers}
+        train = stream_folder(cfg.data, "train", size, chans, crop=crop, **split)
+        return train, stream_folder(cfg.data, "val", size, chans, **split)
     kwargs["val_fraction"] = cfg.val_fraction
     return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
+
+
+def streams(cfg: TrainConfig, image_size: int, channels: int) -> bool:
+    """Whether an image folder is streamed: as `cfg.stream` says, else when decoding it into
+    memory would exceed `memory_budget()`. The choice and its reason are printed."""
+    if not Path(cfg.data).is_dir() or is_idx_dir(cfg.data):
+        return False
+    if cfg.stream is not None:
+        how = "streamed from its files" if cfg.stream else "decoded into memory"
+        print(f"data: {cfg.data}: {how}, as asked", flush=True)
+        return cfg.stream
+    count = len(FolderSource.open(folder_layout(Path(cfg.data), "train")[0]))
+    need, budget = in_memory_bytes(count, channels, image_size), memory_budget()
+    stream = need > budget
+    how = "streamed from its files" if stream else "decoded into memory"
+    print(
+        f"data: {cfg.data}: {count:,} training images would take {need / 2**30:.2f} GiB at "
+        f"{image_size} px; the budget is {budget / 2**30:.2f} GiB ({MEMORY_SHARE:.0%} of the "
+        f"memory available): {how} (--stream / --in-memory choose)",
+        flush=True,
+    )
+    return stream
+
+
+def images_of(data: Data, n: int, seed: int = 0) -> torch.Tensor:
+    """Up to `n` of the data's uint8 images, a fixed random sample (all, in memory)."""
+    if isinstance(data, ImageStream):
+        return data.sample(n, seed)
+    return data.images
 
 
 def read_saved(state: SavedState, key: str, parse: Callable[[dict[str, Any]], Any]) -> Any:
@@ -75,8 +130,8 @@ def read_saved(state: SavedState, key: str, parse: Callable[[dict[str, Any]], An
 def model_and_data(
     cfg: TrainConfig,
     state: SavedState | None,
-    datasets: tuple[ImageDataset, ImageDataset] | None,
-) -> tuple[ViT, ImageDataset, ImageDataset]:
+    datasets: tuple[Data, Data] | None,
+) -> tuple[ViT, Data, Data]:
     """The model to train and its data: resumed from `state`, fine-tuned from `cfg.init`, or
     new from a preset fitted to the data."""
     pretrained = load_pretrained(cfg.init) if cfg.init and state is None else None
@@ -99,14 +154,15 @@ def model_and_data(
     else:
         model = create_model(config or model_config(cfg, train_ds), seed=cfg.seed)
     model.labels = train_ds.classes
-    model.calibration = calibration_sample(train_ds.images, cfg.seed)
+    model.calibration = calibration_sample(images_of(train_ds, CALIBRATION_IMAGES), cfg.seed)
+    model.set_grad_checkpointing(cfg.checkpoint_activations)
     if cfg.linear_probe:  # train the head only
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
     return model, train_ds, val_ds
 
 
-def _fit_pretrained(model: ViT, cfg: TrainConfig, train: ImageDataset) -> ViT:
+def _fit_pretrained(model: ViT, cfg: TrainConfig, train: Data) -> ViT:
     """A pretrained model with a head for the data's classes, at the data's resolution."""
     n = len(train.classes)
     if cfg.num_classes is not None:

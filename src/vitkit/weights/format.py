@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from vitkit.config import MAX_PARAMS, SIZE_LIMITS, ViTConfig
+from vitkit.files import atomic_write
 from vitkit.model.vit import ViT, state_shapes
 from vitkit.rundir import CALIBRATION_FILE, CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE
 
@@ -41,10 +41,6 @@ MAX_CALIBRATION_IMAGES = 1024
 MAX_CALIBRATION_BYTES = 512 * 2**20
 # safetensors' names of the dtypes weights may have; they load as float32.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -74,35 +70,6 @@ def reading(path: str | Path) -> Iterator[None]:
         raise CheckpointError(f"{path}: {one_line(str(e))}") from e
     except Exception as e:
         raise CheckpointError(f"{path}: {type(e).__name__}: {one_line(str(e))}") from e
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half,
-    and the new one for good once this returns (a crash of the machine keeps it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_model(model: ViT, directory: str | Path, labels: list[str] | None = None) -> Path:

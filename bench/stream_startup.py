@@ -1,0 +1,96 @@
+"""Start-up and memory of training on a folder of photos: does memory stay flat as the
+collection grows, and how soon does the first step come?
+
+    python bench/stream_startup.py --images 10000 30000
+
+For each size, a folder of ImageNet-like photos (500x375 JPEG, 10 classes, written once into
+--root) is trained on with `vitkit train --data DIR --model Ti/16 --max-steps 3 --batch-size
+32` (no other flag: the run picks in-memory or streamed itself), and the wall time and the
+peak resident memory of the whole process tree (the trainer and its decoding workers, summed,
+sampled every 0.1 s) are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_photos(root: Path, count: int) -> Path:
+    """`count` 500x375 JPEGs in 10 class folders (kept between runs)."""
+    folder = root / f"photos-{count}"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    rng = np.random.default_rng(0)
+    # A few base pictures, shifted and noised per file: real JPEG sizes, quick to write.
+    bases = [rng.integers(0, 256, (375 // 15, 500 // 20, 3), dtype=np.uint8) for _ in range(10)]
+    for i in range(count):
+        label = i % 10
+        small = np.roll(bases[label], i % 7, axis=1)
+        big = Image.fromarray(small).resize((500, 375), Image.Resampling.BILINEAR)
+        noise = rng.integers(0, 24, (375, 500, 3), dtype=np.uint8)
+        pixels = np.clip(np.asarray(big, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        (folder / f"class{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"class{label}" / f"{i:06d}.jpg", quality=85)
+    done.touch()
+    return folder
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants (Linux /proc)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except (OSError, ValueError):
+            continue
+        stack += [int(c) for c in children]
+    return total
+
+
+def run(folder: Path) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "vitkit", "train", "--data", str(folder)]
+        command += ["--model", "Ti/16", "--max-steps", "3", "--batch-size", "32"]
+        command += ["--out", str(Path(out) / "run"), "--quiet"]
+        start, peak = time.perf_counter(), 0
+        proc = subprocess.Popen(command)
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.1)
+        if proc.returncode:
+            raise SystemExit(f"vitkit train failed with exit code {proc.returncode}")
+        return time.perf_counter() - start, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, nargs="+", default=[10000, 30000])
+    p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "vitkit-photos")
+    args = p.parse_args()
+    results = []
+    for count in args.images:
+        folder = write_photos(args.root, count)
+        seconds, peak = run(folder)
+        results.append((count, seconds, peak))
+        print(f"{count:,} photos: {seconds:.1f} s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
+    if len(results) > 1:
+        base = results[0][2]
+        for count, _, peak in results[1:]:
+            print(f"peak RSS at {count:,} / at {results[0][0]:,}: {peak / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
