@@ -6,7 +6,7 @@ collection grows, and how soon does the first step come?
 For each size, a folder of ImageNet-like photos (500x375 JPEG, 10 classes, written once into
 --root) is trained on with `vitkit train --data DIR --model Ti/16 --max-steps 3 --batch-size
 32` (no other flag: the run picks in-memory or streamed itself), and the wall time and the
-peak resident memory of the whole process tree (the trainer and its decoding workers, summed,
+peak memory of the whole process tree (the trainer and its decoding workers: their PSS summed,
 sampled every 0.1 s) are printed.
 """
 
@@ -44,14 +44,16 @@ def write_photos(root: Path, count: int) -> Path:
     return folder
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants (Linux /proc)."""
+def tree_memory(pid: int) -> int:
+    """Proportional set size (PSS) of `pid` and all its descendants (Linux /proc): resident
+    bytes with each page shared by n processes counted 1/n, so that forked decoding workers,
+    which share most of the trainer's pages, are not counted as whole copies of it."""
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
             children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
         except (OSError, ValueError):
@@ -68,7 +70,7 @@ def run(folder: Path) -> tuple[float, int]:
         start, peak = time.perf_counter(), 0
         proc = subprocess.Popen(command)
         while proc.poll() is None:
-            peak = max(peak, tree_rss(proc.pid))
+            peak = max(peak, tree_memory(proc.pid))
             time.sleep(0.1)
         if proc.returncode:
             raise SystemExit(f"vitkit train failed with exit code {proc.returncode}")
@@ -85,11 +87,11 @@ def main() -> None:
         folder = write_photos(args.root, count)
         seconds, peak = run(folder)
         results.append((count, seconds, peak))
-        print(f"{count:,} photos: {seconds:.1f} s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
+        print(f"{count:,} photos: {seconds:.1f} s, peak memory {peak / 2**30:.2f} GiB", flush=True)
     if len(results) > 1:
         base = results[0][2]
         for count, _, peak in results[1:]:
-            print(f"peak RSS at {count:,} / at {results[0][0]:,}: {peak / base:.2f}x")
+            print(f"peak memory at {count:,} / at {results[0][0]:,}: {peak / base:.2f}x")
 
 
 if __name__ == "__main__":

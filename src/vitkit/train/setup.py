@@ -99,7 +99,14 @@ def streams(cfg: TrainConfig, image_size: int, channels: int) -> bool:
         how = "streamed from its files" if cfg.stream else "decoded into memory"
         print(f"data: {cfg.data}: {how}, as asked", flush=True)
         return cfg.stream
-    count = len(FolderSource.open(folder_layout(Path(cfg.data), "train")[0]))
+    directory, classes, subset = folder_layout(Path(cfg.data), "train")
+    split = {
+        "classes": classes,
+        "subset": subset,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+    }
+    count = len(FolderSource.open(directory, **split))
     need, budget = in_memory_bytes(count, channels, image_size), memory_budget()
     stream = need > budget
     how = "streamed from its files" if stream else "decoded into memory"
