@@ -80,9 +80,9 @@ def int8_backend() -> str | None:
 
     "onednn": PyTorch's quantised linear layers (oneDNN), on CPUs with int8 dot products
     (AVX-512-VNNI, AVX-VNNI, AMX). "onnxruntime": ONNX Runtime's dynamic int8 (its AVX2
-    kernels multiply u8 by s8 pairwise), on x86 CPUs with AVX2 but no VNNI, where oneDNN falls
-    back to a slow reference path: measured on a 2-core AVX2 EPYC, S/16 and B/16 ran 1.6-2.0x
-    faster than fp32 in it, and PyTorch's int8 slower than fp32 (BENCHMARKS.md).
+    kernels multiply u8 by s8 pairwise), on x86 CPUs with AVX2 but no VNNI: measured on a
+    2-core AVX2 EPYC, S/16 and B/16 ran 1.4-2.2x faster than fp32 in it, while PyTorch's int8
+    graph (oneDNN's AVX2 gemm with quantisation around it) ran slower than fp32 (BENCHMARKS.md).
     """
     flags = cpu_flags()
     if flags & {"amx_int8", "avx512_vnni", "avx_vnni"} and torch.backends.mkldnn.is_available():

@@ -1,15 +1,15 @@
 """ONNX Runtime as one of vitkit's inference backends: the model exported to ONNX (`vitkit
 export`'s file, fp32 or with dynamic int8) and run by onnxruntime on the CPU.
 
-Where a CPU has no int8 dot products (AVX2 without VNNI), oneDNN's int8 falls back to a
-slow path while ONNX Runtime's AVX2 kernels still run int8 weights at about twice fp32's
-speed; its fp32 also beats PyTorch eager on single images there. vitkit runs the model
-through it rather than lose to it (`runtime.int8_backend`, `auto` in `infer/compiled.py`).
+Where a CPU has no int8 dot products (AVX2 without VNNI), PyTorch's int8 graph runs slower
+than fp32 while ONNX Runtime's dynamic int8 runs S/16 and B/16 1.4-2.2x faster than PyTorch's
+fp32; its fp32 also beats PyTorch eager on single images there. vitkit runs the model through
+it rather than lose to it (`runtime.int8_backend`, `auto` in `infer/compiled.py`).
 
 Dynamic int8 quantises activations with one scale per call, so int8 runs one image per
-call: an image's answer never depends on the images batched with it, and on ViTs from S/16
-up single images run as fast as batches (BENCHMARKS.md). onnxruntime releases Python's
-interpreter lock while it runs.
+call: an image's answer never depends on the images batched with it (measured on S/16 at
+batch 32, 6% slower than batching; on B/16 no slower: BENCHMARKS.md). onnxruntime releases
+Python's interpreter lock while it runs.
 """
 
 from __future__ import annotations
