@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitkit import load_model
+from vitkit import create_model, load_model, save_model
+from vitkit.cli import main
 from vitkit.data import ImageStream, RandomResizedCrop, load_image, stream_folder
 from vitkit.data import stream as stream_module
 from vitkit.data.preprocess import centre_square
@@ -157,7 +158,6 @@ def test_the_memory_budget_decides_and_says_why(folder, monkeypatch, capsys):
     assert not isinstance(train_ds, ImageStream)
     assert "decoded into memory" in capsys.readouterr().out
     monkeypatch.setattr(stream_module, "memory_budget", lambda: 1000)
-    monkeypatch.setattr("vitkit.train.setup.memory_budget", lambda: 1000)
     train_ds, val_ds = load_splits(cfg, 32, 3)
     assert isinstance(train_ds, ImageStream) and isinstance(val_ds, ImageStream)
     out = capsys.readouterr().out
@@ -195,14 +195,37 @@ def test_a_streamed_run_resumes_to_the_same_weights(folder, tmp_path):
     assert load_model(tmp_path / "full").calibration.shape[1:] == (3, 32, 32)
 
 
-def test_stream_and_in_memory_are_chosen_by_flag(folder, capsys):
-    streamed, _ = load_splits(stream_config(folder), 32, 3)
+def test_stream_and_in_memory_are_chosen_by_flag_and_hold_out_the_same_images(folder, capsys):
+    streamed, streamed_val = load_splits(stream_config(folder, seed=5), 32, 3)
     assert isinstance(streamed, ImageStream) and "as asked" in capsys.readouterr().out
-    kept, _ = load_splits(stream_config(folder, stream=False), 32, 3)
+    kept, kept_val = load_splits(stream_config(folder, seed=5, stream=False), 32, 3)
     assert kept.images.shape[1:] == (3, 32, 32)
+    # The run's seed changes the crops, not which images are held out.
+    assert torch.equal(streamed_val.labels, kept_val.labels)
+    images = next(streamed_val.batches(0, range(len(streamed_val)), len(streamed_val)))[0]
+    assert torch.equal(images, kept_val.images)
 
 
 def test_a_jpeg_in_memory_is_read_like_a_file(folder):
     data = (folder / "circle" / "00.jpg").read_bytes()
     from_file = load_image(folder / "circle" / "00.jpg", 3, 32)
     assert torch.equal(load_image(io.BytesIO(data), 3, 32), from_file)
+
+
+def test_eval_streams_a_large_folder_with_the_same_scores(folder, tmp_path, monkeypatch, capsys):
+    model = create_model(
+        "Ti/4@28", image_size=32, patch_size=8, width=32, depth=1, heads=2, num_classes=3, seed=0
+    )
+    torch.nn.init.normal_(model.head.weight, generator=torch.Generator().manual_seed(0))
+    model.labels = list(CLASSES)
+    save_model(model, tmp_path / "m")
+    argv = ["eval", str(tmp_path / "m"), "--data", str(folder), "--split", "val", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    in_memory = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(stream_module, "memory_budget", lambda: 1000)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert "streamed from its files" in captured.err
+    streamed = json.loads(captured.out)
+    assert streamed["num_images"] == in_memory["num_images"] > 0
+    assert streamed["confusion"] == in_memory["confusion"]

@@ -14,6 +14,9 @@ from vitkit.cli.common import (
     trained_val_fraction,
     training_settings,
 )
+from vitkit.data.idx import is_idx_dir
+from vitkit.data.load import folder_layout
+from vitkit.data.stream import FolderSource, stream_choice
 from vitkit.evaluate import EvalReport, evaluate, save_report
 from vitkit.infer.optimize import optimize
 from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
@@ -58,23 +61,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     directory = resolve_model_dir(args.model)
     model = load_model(directory).to(args.device)
     c = model.config
-    dataset = data.load_dataset(
-        args.data,
-        split=args.split,
-        data_dir=args.data_dir,
-        image_size=c.image_size,
-        channels=c.in_channels,
-        val_fraction=(
-            trained_val_fraction(training_settings(directory))
-            if args.val_fraction is None
-            else args.val_fraction
-        ),
+    fraction = (
+        trained_val_fraction(training_settings(directory))
+        if args.val_fraction is None
+        else args.val_fraction
     )
-    if dataset.skipped:
+    dataset = _dataset(args, c.image_size, c.in_channels, fraction)
+    if isinstance(dataset, data.ImageDataset) and dataset.skipped:
         path, reason = dataset.skipped[0]
         note("eval", f"skipped {len(dataset.skipped)} unreadable file(s), first {path}: {reason}")
-    fast = optimize(model, args.precision)
+    fast = optimize(model, args.precision, num_images=len(dataset))
     report = evaluate(fast, dataset, batch_size=args.batch_size)
+    if isinstance(dataset, data.ImageStream) and dataset.skipped:
+        first = next(iter(dataset.skipped))
+        note("eval", f"passed over {len(dataset.skipped)} unreadable file(s), first {first}")
     out = save_report(report, args.out or default_out(directory, "eval"), dataset.classes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -82,6 +82,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _print_report(report, f"{dataset.name or args.data} {args.split}, {fast.precision}")
         print(f"wrote {out / REPORT_FILE} and {out / CONFUSION_FILE}")
     return 0
+
+
+def _dataset(
+    args: argparse.Namespace, image_size: int, channels: int, val_fraction: float
+) -> data.ImageDataset | data.ImageStream:
+    """The split to score: an image folder too large for the memory budget is streamed (as
+    training does), any other dataset loaded into memory."""
+    folder = Path(args.data)
+    if folder.is_dir() and not is_idx_dir(folder):
+        directory, classes, subset = folder_layout(folder, args.split)
+        split = {"classes": classes, "subset": subset, "val_fraction": val_fraction}
+        stream, why = stream_choice(
+            len(FolderSource.open(directory, **split)), channels, image_size
+        )
+        if stream:
+            note("eval", f"{args.data}: {why}")
+            return data.stream_folder(
+                folder, args.split, image_size, channels, val_fraction=val_fraction
+            )
+    return data.load_dataset(
+        args.data,
+        split=args.split,
+        data_dir=args.data_dir,
+        image_size=image_size,
+        channels=channels,
+        val_fraction=val_fraction,
+    )
 
 
 def _print_report(report: EvalReport, title: str) -> None:

@@ -114,17 +114,19 @@ def stream_folder(
     val_fraction: float = 0.1,
     seed: int = 0,
     crop: RandomResizedCrop | None = None,
+    crop_seed: int = 0,
     workers: int | None = None,
 ) -> ImageStream:
-    """A split of an image folder (laid out as `load_dataset` reads it), streamed from its
-    files: listed now, decoded batch by batch (see `vitkit.data.stream`)."""
+    """A split of an image folder (laid out, and split by `val_fraction` and `seed`, as
+    `load_dataset` does), streamed from its files: listed now, decoded batch by batch (see
+    `vitkit.data.stream`); `crop_seed` seeds the random crops."""
     root = Path(root)
     directory, classes, subset = folder_layout(root, split)
     source = FolderSource.open(
         directory, classes=classes, subset=subset, val_fraction=val_fraction, seed=seed
     )
     source.name = root.name
-    return ImageStream(source, image_size, channels, crop, seed, workers)
+    return ImageStream(source, image_size, channels, crop, crop_seed, workers)
 
 
 def _conform(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:

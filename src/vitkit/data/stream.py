@@ -242,3 +242,14 @@ def memory_budget() -> int:
 def in_memory_bytes(images: int, channels: int, image_size: int) -> int:
     """What `images` take decoded into memory at `image_size` (uint8)."""
     return images * channels * image_size * image_size
+
+
+def stream_choice(images: int, channels: int, image_size: int) -> tuple[bool, str]:
+    """Whether `images` files are streamed rather than decoded into memory (when they would
+    take more than `memory_budget()`), and the figures that decided, in words."""
+    need, budget = in_memory_bytes(images, channels, image_size), memory_budget()
+    how = "streamed from its files" if need > budget else "decoded into memory"
+    return need > budget, (
+        f"{images:,} images would take {need / 2**30:.2f} GiB at {image_size} px; the budget "
+        f"is {budget / 2**30:.2f} GiB ({MEMORY_SHARE:.0%} of the memory available): {how}"
+    )

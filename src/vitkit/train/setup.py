@@ -22,7 +22,7 @@ from vitkit.data import (
 )
 from vitkit.data.idx import is_idx_dir
 from vitkit.data.load import folder_layout
-from vitkit.data.stream import MEMORY_SHARE, FolderSource, in_memory_bytes, memory_budget
+from vitkit.data.stream import FolderSource, stream_choice
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT
 from vitkit.rundir import STATE_JSON
@@ -83,8 +83,11 @@ def load_splits(
             RandomResizedCrop(aug.crop_scale, aug.crop_ratio) if aug.random_resized_crop else None
         )
         size, chans = image_size or FOLDER_IMAGE_SIZE, channels or 3
-        split = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "workers": cfg.workers}
-        train = stream_folder(cfg.data, "train", size, chans, crop=crop, **split)
+        # Split as in memory (load_dataset's fixed seed): the same held-out part either way.
+        split = {"val_fraction": cfg.val_fraction, "workers": cfg.workers}
+        train = stream_folder(
+            cfg.data, "train", size, chans, crop=crop, crop_seed=cfg.seed, **split
+        )
         return train, stream_folder(cfg.data, "val", size, chans, **split)
     kwargs["val_fraction"] = cfg.val_fraction
     return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
@@ -100,22 +103,10 @@ def streams(cfg: TrainConfig, image_size: int, channels: int) -> bool:
         print(f"data: {cfg.data}: {how}, as asked", flush=True)
         return cfg.stream
     directory, classes, subset = folder_layout(Path(cfg.data), "train")
-    split = {
-        "classes": classes,
-        "subset": subset,
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
-    }
+    split = {"classes": classes, "subset": subset, "val_fraction": cfg.val_fraction}
     count = len(FolderSource.open(directory, **split))
-    need, budget = in_memory_bytes(count, channels, image_size), memory_budget()
-    stream = need > budget
-    how = "streamed from its files" if stream else "decoded into memory"
-    print(
-        f"data: {cfg.data}: {count:,} training images would take {need / 2**30:.2f} GiB at "
-        f"{image_size} px; the budget is {budget / 2**30:.2f} GiB ({MEMORY_SHARE:.0%} of the "
-        f"memory available): {how} (--stream / --in-memory choose)",
-        flush=True,
-    )
+    stream, why = stream_choice(count, channels, image_size)
+    print(f"data: {cfg.data}: training part: {why} (--stream / --in-memory choose)", flush=True)
     return stream
 
 
