@@ -70,7 +70,8 @@ class FolderSource:
             keep = (train if subset == "train" else val).tolist()
             files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         if not files:
-            raise DatasetError(f"{root}: no image files in its {subset} part")
+            part = "" if subset == "all" else f" in its {subset} part"
+            raise DatasetError(f"{root}: no image files{part}")
         return cls(files, labels, names, root.name)
 
     def __len__(self) -> int:
