@@ -8,13 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vitkit.cli import main
 from vitkit.cli.data import parse_size
 from vitkit.data import shards as shards_module
 from vitkit.data.dataset import DatasetError
+from vitkit.data.preprocess import UnreadableImage, load_image
+from vitkit.data.shard_source import open_shards
 from vitkit.data.shards import MANIFEST, ShardSet, inspect_source, pack_folder
+from vitkit.data.sources import open_source
+from vitkit.data.stream import ImageStream
 
 CLASSES = ["cat", "dog", "fish"]
 BAD = {"cat/broken.png", "dog/truncated.jpg", "fish/empty.png"}
@@ -384,3 +389,51 @@ def test_hostile_file_names_become_safe_keys(tmp_path):
 )
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+def test_indexed_shards_read_each_sample_by_index_like_the_folder(tmp_path, packed, folder):
+    out, images = packed
+    source = open_shards(out)
+    assert source.classes == CLASSES and len(source) == 24 and source.name == "shards"
+    by_key = {source.keys[i].rsplit(".", 1)[0]: i for i in range(len(source))}
+    assert set(by_key) == set(images)
+    for key, (data, label) in images.items():
+        i = by_key[key]
+        assert source.read(i).read() == data and source.labels[i] == label
+    # The same images as the folder's, decoded alike; a split of the set is a split by labels.
+    train = open_source(out, "train", val_fraction=0.25)
+    val = open_source(out, "val", val_fraction=0.25)
+    assert len(train) + len(val) == 24 and len(val) == 6
+    key = source.keys[train.indices[0]].rsplit(".", 1)[0]
+    ext = source.keys[train.indices[0]].rsplit(".", 1)[1]
+    assert torch.equal(
+        load_image(train.read(0), 3, 16), load_image(folder[0] / f"{key}.{ext}", 3, 16)
+    )
+
+
+def test_a_shard_changed_after_indexing_is_an_unreadable_sample(tmp_path, packed):
+    out, _ = packed
+    source = open_shards(out)
+    last = max(range(len(source)), key=lambda i: (source._shard[i], source._offset[i]))
+    shard = source.shards[source._shard[last]]
+    shard.write_bytes(shard.read_bytes()[: source._offset[last] + 3])
+    with pytest.raises(
+        UnreadableImage, match=r"shards-\d+\.tar:.*shorter than when it was indexed"
+    ):
+        source.read(last)
+    stream = ImageStream(source, 16, 3, workers=0)
+    images, _ = next(stream.batches(0, [last], 1))
+    assert images.shape == (1, 3, 16, 16) and len(stream.skipped) == 1
+
+
+def test_split_shard_sets_keep_their_splits(tmp_path):
+    root = tmp_path / "photos"
+    for split, n in (("train", 6), ("val", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(root / split / cls / f"{i}.png")
+    pack_folder(root, tmp_path / "out", SHARD_BYTES)
+    assert len(open_source(tmp_path / "out", "train")) == 12
+    assert len(open_source(tmp_path / "out", "test")) == 4  # the val set stands in for test
+    assert open_source(tmp_path / "out", "val").classes == ["a", "b"]

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 from tests.paths import ROOT
 from vitkit import load_model
-from vitkit.data import load_dataset
+from vitkit.data import load_dataset, stream_source
 from vitkit.train import TrainConfig, train
 
 # One block of width 32 on 8x8 digits (16 patches of 2x2), with an EMA and mixup so that every
@@ -194,3 +195,106 @@ def test_torchrun_cli(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("held-out accuracy") == 1, done.stdout
     assert load_model(run).config.width == 32
+
+
+# Run by torchrun in each process: `vitkit train` as on the command line, its training stream's
+# dataset wrapped so that every sample it decodes appends "epoch index" to this process's file.
+READ_LOGGING_TRAIN = """
+import os
+import sys
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from vitkit.cli import main
+from vitkit.data import ImageStream
+from vitkit.train import setup
+
+LOG = Path(sys.argv[1]) / f"reads-{os.environ['RANK']}.txt"
+
+
+class Logged(Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with LOG.open("a") as f:
+            f.write(f"{epoch} {index}\\n")
+        return self.data[key]
+
+
+load_splits = setup.load_splits
+
+
+def logged_splits(*args, **kwargs):
+    train, held_out = load_splits(*args, **kwargs)
+    assert isinstance(train, ImageStream), type(train)
+    train._data = Logged(train._data)
+    return train, held_out
+
+
+setup.load_splits = logged_splits
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def _noise_folder(root: Path, classes: int, per_class: int, side: int) -> None:
+    """`classes` subfolders of `per_class` PNGs of random colour pixels."""
+    gen = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(256, (side, side, 3), dtype=torch.uint8, generator=gen)
+            Image.fromarray(pixels.numpy()).save(root / f"class{c}" / f"{i:02d}.png")
+
+
+@pytest.mark.slow
+def test_torchrun_streamed_ranks_read_disjoint_halves_of_every_epoch(tmp_path):
+    """Two processes streaming an image folder: every epoch, each reads its own slice of each
+    batch, and together they read each sample of the epoch's whole batches exactly once."""
+    folder, logs = tmp_path / "shapes", tmp_path / "logs"
+    _noise_folder(folder, classes=4, per_class=12, side=16)
+    logs.mkdir()
+    script = tmp_path / "train_logged.py"
+    script.write_text(READ_LOGGING_TRAIN)
+    epochs, batch, accum = 2, 7, 2  # slices of 3 and 4 images, each cut into 2 micro-batches
+    args = ["train", "--data", str(folder), "--stream", "--workers", "1", "--val-fraction", "0.25"]
+    args += ["--epochs", str(epochs), "--batch-size", str(batch), "--grad-accum", str(accum)]
+    args += ["--set", "image_size=8", "--set", "patch_size=2", "--set", "width=32"]
+    args += ["--set", "depth=1", "--set", "heads=2", "--precision", "fp32", "--quiet"]
+    args += ["--out", str(tmp_path / "run")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    done = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", str(script), str(logs), *args],
+        cwd=ROOT,
+        env=os.environ | {"VITKIT_DIST_TIMEOUT": "60"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+
+    samples = len(stream_source(folder, "train", 8, 3, val_fraction=0.25))
+    assert samples == 36  # 9 of each class's 12
+    steps = samples // batch
+    used = steps * batch  # whole batches only: 35 of the 36
+    reads = {}  # (rank, epoch) -> the sample indices read, in order
+    for rank in (0, 1):
+        for line in (logs / f"reads-{rank}.txt").read_text().splitlines():
+            epoch, index = map(int, line.split())
+            reads.setdefault((rank, epoch), []).append(index)
+    assert sorted(reads) == [(r, e) for r in (0, 1) for e in range(epochs)]
+    for epoch in range(epochs):
+        first, second = reads[0, epoch], reads[1, epoch]
+        assert (len(first), len(second)) == (steps * 3, steps * 4)
+        assert not set(first) & set(second)
+        together = sorted(first + second)
+        assert together == sorted(set(together)), "a sample read twice in one epoch"
+        assert len(together) == used and set(together) <= set(range(samples))
+    for rank in (0, 1):
+        assert reads[rank, 0] != reads[rank, 1]  # each epoch in its own order
+    assert load_model(tmp_path / "run").config.width == 32

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vitkit import create_model, load_model, save_model
 from vitkit.cli import main
-from vitkit.data import ImageStream, RandomResizedCrop, load_image, stream_folder
+from vitkit.data import ImageStream, RandomResizedCrop, load_image, stream_source
 from vitkit.data import stream as stream_module
 from vitkit.data.preprocess import centre_square
 from vitkit.train import TrainConfig, train
@@ -65,15 +65,15 @@ def epoch_batches(stream: ImageStream, epoch: int = 0, size: int = 8, start: int
 def test_batches_are_the_same_for_any_number_of_workers(folder):
     crop = RandomResizedCrop((0.2, 1.0))
     runs = [
-        epoch_batches(stream_folder(folder, "train", 32, 3, crop=crop, workers=w))
+        epoch_batches(stream_source(folder, "train", 32, 3, crop=crop, workers=w))
         for w in (0, 1, 2)
     ]
-    assert len(runs[0]) == len(stream_folder(folder, "train", 32, 3)) // 8 > 1
+    assert len(runs[0]) == len(stream_source(folder, "train", 32, 3)) // 8 > 1
     for other in runs[1:]:
         for (a, la), (b, lb) in zip(runs[0], other, strict=True):
             assert torch.equal(a, b) and torch.equal(la, lb)
     # Another epoch crops (and orders) differently; a resumed epoch reads the same batches.
-    stream = stream_folder(folder, "train", 32, 3, crop=crop, workers=0)
+    stream = stream_source(folder, "train", 32, 3, crop=crop, workers=0)
     assert not torch.equal(epoch_batches(stream, 1)[0][0], runs[0][0][0])
     later = epoch_batches(stream, 0, start=2)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(later, runs[0][2:], strict=True))
@@ -119,7 +119,7 @@ def test_unreadable_files_are_passed_over_and_named(folder, tmp_path):
     (bad / "square" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     data = (folder / "stripes" / "00.jpg").read_bytes()
     (bad / "stripes" / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    stream = stream_folder(bad, "train", 32, 3, val_fraction=0.01, workers=2)
+    stream = stream_source(bad, "train", 32, 3, val_fraction=0.01, workers=2)
     batches = epoch_batches(stream, size=len(stream))  # the whole split, once
     images, _ = batches[0]
     assert len(images) == len(stream)
@@ -130,7 +130,7 @@ def test_unreadable_files_are_passed_over_and_named(folder, tmp_path):
 
 def test_processes_read_disjoint_slices_of_every_epoch(folder):
     """Two processes under torchrun: each reads its half of each batch, never the other's."""
-    stream = stream_folder(folder, "train", 16, 3, workers=0)
+    stream = stream_source(folder, "train", 16, 3, workers=0)
     seen = []
     for rank in (0, 1):
         run = types.SimpleNamespace(

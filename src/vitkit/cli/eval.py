@@ -14,9 +14,8 @@ from vitkit.cli.common import (
     trained_val_fraction,
     training_settings,
 )
-from vitkit.data.idx import is_idx_dir
-from vitkit.data.load import folder_layout
-from vitkit.data.stream import FolderSource, stream_choice
+from vitkit.data.sources import open_source, source_kind
+from vitkit.data.stream import decode_all, stream_choice
 from vitkit.evaluate import EvalReport, evaluate, save_report
 from vitkit.infer.optimize import optimize
 from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
@@ -33,8 +32,10 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--split",
         default="test",
-        help="train or test (default); val, or test, is the held-out part of an image folder",
+        help="train or test (default); val, or test, is the held-out part of a collection",
     )
+    p.add_argument("--image-column", help="a Hugging Face dataset's image column")
+    p.add_argument("--label-column", help="a Hugging Face dataset's label column")
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -87,20 +88,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _dataset(
     args: argparse.Namespace, image_size: int, channels: int, val_fraction: float
 ) -> data.ImageDataset | data.ImageStream:
-    """The split to score: an image folder too large for the memory budget is streamed (as
+    """The split to score: a collection too large for the memory budget is streamed (as
     training does), any other dataset loaded into memory."""
-    folder = Path(args.data)
-    if folder.is_dir() and not is_idx_dir(folder):
-        directory, classes, subset = folder_layout(folder, args.split)
-        split = {"classes": classes, "subset": subset, "val_fraction": val_fraction}
-        stream, why = stream_choice(
-            len(FolderSource.open(directory, **split)), channels, image_size
-        )
+    if source_kind(args.data) is not None:
+        columns = {"image_column": args.image_column, "label_column": args.label_column}
+        source = open_source(args.data, args.split, val_fraction=val_fraction, **columns)
+        stream, why = stream_choice(len(source), channels, image_size)
+        note("eval", f"{args.data}: {why}")
         if stream:
-            note("eval", f"{args.data}: {why}")
-            return data.stream_folder(
-                folder, args.split, image_size, channels, val_fraction=val_fraction
-            )
+            return data.ImageStream(source, image_size, channels)
+        if source_kind(args.data) != "folder":
+            return decode_all(source, image_size, channels)
     return data.load_dataset(
         args.data,
         split=args.split,

@@ -18,6 +18,8 @@ TRAIN_SETTINGS = (
     "val_fraction",
     "stream",
     "workers",
+    "image_column",
+    "label_column",
     "model",
     "epochs",
     "batch_size",
@@ -64,20 +66,25 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="fashion-mnist, mnist, digits, or an image folder")
+    p.add_argument(
+        "--data",
+        help="fashion-mnist, mnist, digits, or a collection: an image folder, a manifest "
+        "(.csv/.jsonl of path,label), WebDataset shards (a shards.json set, a .tar or a brace "
+        "pattern), a Hugging Face dataset (save_to_disk directory, Parquet, hf:NAME)",
+    )
     p.add_argument("--data-dir", help="where the dataset's files are (default: searched)")
     p.add_argument(
         "--val-fraction",
         type=float,
         metavar="F",
-        help="held out of each class of an image folder without val/ (default: 0.1)",
+        help="held out of each class of a collection without its own val split (default: 0.1)",
     )
     memory = p.add_mutually_exclusive_group()
     memory.add_argument(
         "--stream",
         action="store_const",
         const=True,
-        help="read an image folder file by file, each image cropped at full resolution "
+        help="read a collection file by file, each image cropped at full resolution "
         "(default: when it would take more than 5%% of the memory available)",
     )
     memory.add_argument(
@@ -85,8 +92,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         dest="stream",
         action="store_const",
         const=False,
-        help="decode an image folder into memory at the model's size first",
+        help="decode a collection into memory at the model's size first",
     )
+    p.add_argument("--image-column", help="a Hugging Face dataset's image column")
+    p.add_argument("--label-column", help="a Hugging Face dataset's label column")
     p.add_argument(
         "--workers", type=int, help="decoding processes when streaming (default: one per core)"
     )

@@ -77,6 +77,17 @@ def stratified_split(
     return (~mask).nonzero().flatten(), mask.nonzero().flatten()
 
 
+def split_indices(labels: list[int], subset: str, val_fraction: float, seed: int) -> list[int]:
+    """The indices of `subset` ("train", "val" or "all") of `stratified_split(labels,
+    val_fraction, seed)`: one split for every kind of source."""
+    if subset == "all":
+        return list(range(len(labels)))
+    if subset not in ("train", "val"):
+        raise ValueError(f"subset must be 'train', 'val' or 'all', not {subset!r}")
+    train, val = stratified_split(torch.tensor(labels, dtype=torch.int64), val_fraction, seed)
+    return (train if subset == "train" else val).tolist()
+
+
 def dataset_stats(ds: ImageDataset | torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) standard deviation of the pixels of a dataset or of
     uint8 images (N, C, H, W), in [0, 1] units.

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from vitkit.data.dataset import DatasetError, ImageDataset, stratified_split
+from vitkit.data.dataset import DatasetError, ImageDataset, split_indices
 from vitkit.data.preprocess import UnreadableImage, image_extensions, load_image
 
 # Below this many files, loading is quick enough that a progress bar is only noise.
@@ -64,8 +64,7 @@ def load_image_folder(
             raise DatasetError(f"{root}: class folder(s) {sorted(extra)} not among {classes}")
     files, labels, ignored = list_images(root, classes)
     if subset != "all":
-        train, val = stratified_split(torch.tensor(labels, dtype=torch.int64), val_fraction, seed)
-        keep = (train if subset == "train" else val).tolist()
+        keep = split_indices(labels, subset, val_fraction, seed)
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         if not files:
             raise DatasetError(

@@ -1,18 +1,20 @@
-"""`load_dataset`: one split of a named dataset, a folder of IDX files or an image folder."""
+"""`load_dataset`: one split of a named dataset, a folder of IDX files, or a collection
+(image folder, manifest, shards, HF dataset) decoded into memory; `stream_source`: a
+collection's split streamed from its files."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from vitkit.data.dataset import DatasetError, ImageDataset
 from vitkit.data.digits import load_digits
-from vitkit.data.folder import find_classes, load_image_folder
+from vitkit.data.folder import load_image_folder
 from vitkit.data.idx import KNOWN, is_idx_dir, load_idx, load_idx_dir
 from vitkit.data.preprocess import resize, to_float
-from vitkit.data.stream import FolderSource, ImageStream, RandomResizedCrop
+from vitkit.data.sources import folder_layout, open_source, source_kind
+from vitkit.data.stream import ImageStream, RandomResizedCrop, decode_all
 
 DATASETS = ("fashion-mnist", "mnist", "digits")
 
@@ -26,16 +28,16 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> ImageDataset:
-    """Load one split of a named dataset (see `DATASETS`) or of an image folder.
+    """Load one split of a named dataset (see `DATASETS`) or of a collection (`sources.py`).
 
     Named datasets, and folders of IDX files, have splits "train" and "test" ("val" is
     accepted for "test", their only held-out split); `data_dir` says where a named dataset's
     files are, if not in the usual places. A folder with `train/` and `val/` or `test/`
     subfolders uses them; any other folder (or a lone `train/` in it) holds one subfolder per
     class and is split by `val_fraction` (stratified, fixed `seed`) into "train" and "val"
-    ("test" is accepted for "val"). Images come back with `channels` channels (grey is
-    repeated, colour becomes luma) at `image_size` x `image_size`; left out, named datasets
-    keep theirs and folders become 3 x 224 x 224.
+    ("test" is accepted for "val"); other collections split alike. Images come back with
+    `channels` channels (grey is repeated, colour becomes luma) at `image_size` x
+    `image_size`; left out, named datasets keep theirs and collections become 3 x 224 x 224.
     """
     if spec in KNOWN:
         ds = load_idx(spec, _held_out_as_test(spec, split), data_dir)
@@ -43,11 +45,15 @@ def load_dataset(
         ds = load_digits(_held_out_as_test(spec, split))
     elif Path(spec).is_dir() and is_idx_dir(spec):
         ds = load_idx_dir(spec, _held_out_as_test(spec, split))
-    elif Path(spec).is_dir():
+    elif source_kind(spec) == "folder":
         return _load_folder_split(Path(spec), split, image_size, channels, val_fraction, seed)
+    elif source_kind(spec) is not None:
+        source = open_source(spec, split, val_fraction=val_fraction, seed=seed)
+        return decode_all(source, image_size or 224, channels or 3)
     else:
         raise DatasetError(
-            f"unknown dataset {spec!r}: neither one of {', '.join(DATASETS)} nor a directory"
+            f"unknown dataset {spec!r}: not one of {', '.join(DATASETS)}, an image folder, "
+            "a manifest (.csv, .jsonl), WebDataset shards or a Hugging Face dataset"
         )
     return _conform(ds, image_size, channels)
 
@@ -80,33 +86,8 @@ def _load_folder_split(
     )
 
 
-def folder_layout(
-    root: Path, split: str
-) -> tuple[Path, list[str] | None, Literal["all", "train", "val"]]:
-    """Where a split of an image folder lies: (directory, its class names if they are fixed by
-    a training folder, the part of a fraction split it is or "all").
-
-    A folder with `train/` and `val/` or `test/` uses them ("val" and "test" each prefer their
-    own folder and fall back on the other); any other folder (or a lone `train/` in it) is
-    split by fraction into "train" and "val" ("test" is taken for "val")."""
-    train_dir = root / "train"
-    held_out_dirs = [d for d in (root / "val", root / "test") if d.is_dir()]
-    if train_dir.is_dir() and held_out_dirs:
-        if split == "train":
-            return train_dir, None, "all"
-        if split not in ("val", "test"):
-            raise DatasetError(f"{root} has splits train and val/test, not {split!r}")
-        held_out = root / split if (root / split).is_dir() else held_out_dirs[0]
-        return held_out, find_classes(train_dir), "all"
-    if train_dir.is_dir():
-        root = train_dir  # a train/ folder alone is split by fraction, like a plain folder
-    if split not in ("train", "val", "test"):
-        raise DatasetError(f"{root} is split by fraction into 'train' and 'val', not {split!r}")
-    return root, None, "train" if split == "train" else "val"
-
-
-def stream_folder(
-    root: str | Path,
+def stream_source(
+    spec: str | Path,
     split: str,
     image_size: int,
     channels: int,
@@ -117,15 +98,10 @@ def stream_folder(
     crop_seed: int = 0,
     workers: int | None = None,
 ) -> ImageStream:
-    """A split of an image folder (laid out, and split by `val_fraction` and `seed`, as
-    `load_dataset` does), streamed from its files: listed now, decoded batch by batch (see
+    """A split of an image folder, manifest, shard set or HF dataset (split by `val_fraction`
+    and `seed` as `load_dataset` splits), streamed: listed now, decoded batch by batch (see
     `vitkit.data.stream`); `crop_seed` seeds the random crops."""
-    root = Path(root)
-    directory, classes, subset = folder_layout(root, split)
-    source = FolderSource.open(
-        directory, classes=classes, subset=subset, val_fraction=val_fraction, seed=seed
-    )
-    source.name = root.name
+    source = open_source(spec, split, val_fraction=val_fraction, seed=seed)
     return ImageStream(source, image_size, channels, crop, crop_seed, workers)
 
 

@@ -761,15 +761,22 @@ class _Capped:
 class _Sample:
     key: str
     ext: str = ""
-    image: bytes | None = None
+    image: bytes | tuple[int, int] | None = None  # its bytes, or (offset, size) in the tar
     label: int | None = None
     problem: str | None = None
 
 
 def _read_shard(
-    path: Path, n_classes: int | None, problems: list[tuple[str, str]], *, strict: bool
-) -> Iterator[tuple[str, str, bytes, int]]:
-    """The samples of a tar file as (key, image extension, image bytes, label), in order.
+    path: Path,
+    n_classes: int | None,
+    problems: list[tuple[str, str]],
+    *,
+    strict: bool,
+    index: bool = False,
+) -> Iterator[tuple[str, str, Any, int]]:
+    """The samples of a tar file as (key, image extension, image bytes, label), in order; with
+    `index`, (offset, size) of the image member in the file instead of its bytes, read from
+    the headers alone.
 
     A sample that lacks its image or label, or whose members are not regular files, and the
     rest of a damaged tar are skipped and appended to `problems` as (where, reason). A member
@@ -816,11 +823,11 @@ def _read_shard(
                     bad(sample, m.name, f"{m.size:,} bytes, too large for {what}")
                 elif (sample.image if ext != "cls" else sample.label) is not None:
                     sample.problem = sample.problem or f"{m.name}: a second {ext} member"
+                elif ext != "cls":
+                    image = (m.offset_data, m.size) if index else tar.extractfile(m).read()
+                    sample.ext, sample.image = ext, image
                 else:
                     data = tar.extractfile(m).read()
-                    if ext != "cls":
-                        sample.ext, sample.image = ext, data
-                        continue
                     match = _LABEL.fullmatch(data)
                     if match is None or int(match[1]) >= limit:
                         shown = printable(data.decode("utf-8", "replace"))[:20]
@@ -838,6 +845,15 @@ def _read_shard(
             yield done
 
 
+def index_shard(
+    path: Path, n_classes: int | None, problems: list[tuple[str, str]]
+) -> Iterator[tuple[str, str, tuple[int, int], int]]:
+    """The samples of a tar file as (key, image extension, (offset, size) of the image member,
+    label), from its headers and labels alone; damaged samples are appended to `problems`,
+    and a member too large or a label out of range is a `DatasetError`."""
+    return _read_shard(path, n_classes, problems, strict=True, index=True)
+
+
 def _split_name(name: str) -> tuple[str, str, str]:
     """A member name's (key, ".", extension), split as WebDataset does: at the first dot of
     the last part."""
@@ -848,7 +864,7 @@ def _split_name(name: str) -> tuple[str, str, str]:
 
 def _finish(
     sample: _Sample, path: Path, problems: list[tuple[str, str]]
-) -> tuple[str, str, bytes, int] | None:
+) -> tuple[str, str, Any, int] | None:
     """A sample read whole, or None after noting what it lacks."""
     problem = sample.problem
     if problem is None and sample.image is None:

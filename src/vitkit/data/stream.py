@@ -18,23 +18,42 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from vitkit.data.dataset import DatasetError, stratified_split
-from vitkit.data.folder import find_classes, list_images, printable
+from vitkit.data.dataset import DatasetError, ImageDataset, split_indices
+from vitkit.data.folder import PROGRESS_MIN_FILES, find_classes, list_images, printable
 from vitkit.data.preprocess import Crop, UnreadableImage, centre_square, load_image
 
+# An unreadable file: (its name, why).
+Bad = tuple[str, str]
 # A stream tries this many files in a row before it calls a collection unreadable.
 MAX_UNREADABLE_RUN = 64
 # In-memory datasets may take this share of the memory available when training starts: a
 # folder of photos is decoded in one process before the first step (some 7 ms an image), and
 # its memory is held for the whole run; 5% of 24 GiB holds ~8,000 images at 224 px.
 MEMORY_SHARE = 0.05
+
+
+class Source(Protocol):
+    """A collection read by index: image `i`'s file (a path, or a file object named by its
+    `name`, e.g. a tar member or a dataset row's bytes) and label. Folders, manifests, indexed
+    shards and Hugging Face datasets are sources."""
+
+    labels: list[int]
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> Path | BinaryIO: ...
 
 
 @dataclass
@@ -63,12 +82,8 @@ class FolderSource:
             raise DatasetError(f"{root}: not a directory")
         names = list(classes) if classes is not None else find_classes(root)
         files, labels, _ = list_images(root, names)
-        if subset != "all":
-            train, val = stratified_split(
-                torch.tensor(labels, dtype=torch.int64), val_fraction, seed
-            )
-            keep = (train if subset == "train" else val).tolist()
-            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        keep = split_indices(labels, subset, val_fraction, seed)
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         if not files:
             part = "" if subset == "all" else f" in its {subset} part"
             raise DatasetError(f"{root}: no image files{part}")
@@ -76,6 +91,37 @@ class FolderSource:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def read(self, i: int) -> Path:
+        return self.files[i]
+
+
+@dataclass
+class SubsetSource:
+    """Some of a source's images, by index (e.g. one part of a split)."""
+
+    source: Source
+    indices: list[int]
+
+    def __post_init__(self) -> None:
+        self.labels = [self.source.labels[i] for i in self.indices]
+        self.classes, self.name = self.source.classes, self.source.name
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, i: int) -> Path | BinaryIO:
+        return self.source.read(self.indices[i])
+
+
+def split_source(source: Source, subset: str, val_fraction: float, seed: int) -> Source:
+    """`subset` of `source` split as `split_indices` splits (the source itself for "all")."""
+    if subset == "all":
+        return source
+    keep = split_indices(source.labels, subset, val_fraction, seed)
+    if not keep:
+        raise DatasetError(f"{source.name}: no images in its {subset} part")
+    return SubsetSource(source, keep)
 
 
 @dataclass(frozen=True)
@@ -109,44 +155,52 @@ class _Decoded(Dataset):
 
     def __init__(
         self,
-        source: FolderSource,
+        source: Source,
         image_size: int,
         channels: int,
         crop: RandomResizedCrop | None,
         seed: int,
+        replace: bool = True,
     ) -> None:
         self.source, self.image_size, self.channels = source, image_size, channels
-        self.crop, self.seed = crop, seed
+        self.crop, self.seed, self.replace = crop, seed, replace
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, list[str]]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, list[Bad]]:
+        """The image at `index` or, unreadable, the next readable one (`replace`) or None."""
         epoch, index = key
         n, bad = len(self.source), []
-        for tries in range(min(n, MAX_UNREADABLE_RUN)):
+        for tries in range(min(n, MAX_UNREADABLE_RUN) if self.replace else 1):
             i = (index + tries) % n
             # A string seed: Python hashes it with sha512, the same in every process.
             rng = random.Random(f"{self.seed}:{epoch}:{i}")
             crop = self.crop.box(rng) if self.crop else centre_square
-            path = self.source.files[i]
             try:
-                image = load_image(path, self.channels, self.image_size, crop=crop)
+                image = load_image(self.source.read(i), self.channels, self.image_size, crop=crop)
             except UnreadableImage as e:
-                bad.append(printable(f"{e.path}: {e.reason}"))
+                bad.append((e.path, e.reason))
                 continue
             return image, self.source.labels[i], bad
+        if not self.replace:
+            return None, -1, bad
         raise DatasetError(
-            f"{self.source.name}: {len(bad)} unreadable files in a row, e.g. {bad[0]}"
+            printable(f"{self.source.name}: {len(bad)} unreadable files in a row, e.g. {bad[0][0]}")
         )
 
 
 def _collate(
-    items: list[tuple[torch.Tensor, int, list[str]]],
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    images = torch.stack([image for image, _, _ in items])
+    items: list[tuple[torch.Tensor | None, int, list[Bad]]],
+) -> tuple[torch.Tensor, torch.Tensor, list[Bad]]:
+    """One batch of the readable items (all of them, unless `_Decoded` does not replace)."""
+    bad = [path for _, _, paths in items for path in paths]
+    items = [item for item in items if item[0] is not None]
+    if not items:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
+    images = torch.stack([image for image, _, _ in items if image is not None])
     labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
-    return images, labels, [path for _, _, bad in items for path in bad]
+    return images, labels, bad
 
 
 def _one_thread(_: int) -> None:
@@ -155,11 +209,11 @@ def _one_thread(_: int) -> None:
 
 
 class ImageStream:
-    """Batches of uint8 images decoded from a `FolderSource` in `workers` processes."""
+    """Batches of uint8 images decoded from a `Source` in `workers` processes."""
 
     def __init__(
         self,
-        source: FolderSource,
+        source: Source,
         image_size: int,
         channels: int,
         crop: RandomResizedCrop | None = None,
@@ -202,7 +256,7 @@ class ImageStream:
             persistent_workers=False,
         )
         for images, labels, bad in loader:
-            self.skipped.update(dict.fromkeys(bad))
+            self.skipped.update(dict.fromkeys(printable(f"{p}: {r}") for p, r in bad))
             yield images, labels
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
@@ -211,6 +265,54 @@ class ImageStream:
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         batch = min(n, len(self))
         return next(_centre(self).batches(0, order[:batch].tolist(), batch))[0]
+
+
+def decode_all(
+    source: Source, image_size: int, channels: int, workers: int | None = None
+) -> ImageDataset:
+    """Every readable image of `source` decoded into memory (centre-cropped) in `workers`
+    processes; unreadable ones are left out, listed in `skipped` and summarised on stderr."""
+    workers = default_workers() if workers is None else workers
+    data = _Decoded(source, image_size, channels, None, 0, replace=False)
+    steps = [
+        [(0, i) for i in range(k, min(k + 256, len(source)))] for k in range(0, len(source), 256)
+    ]
+    loader = DataLoader(
+        data,
+        batch_sampler=steps,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_one_thread if workers else None,
+    )
+    images = torch.empty((len(source), channels, image_size, image_size), dtype=torch.uint8)
+    labels, kept = torch.empty(len(source), dtype=torch.int64), 0
+    skipped: list[Bad] = []
+    quiet = len(source) < PROGRESS_MIN_FILES
+    with tqdm(total=len(source), desc=f"loading {source.name}", unit="img", disable=quiet) as bar:
+        for batch, batch_labels, bad in loader:
+            images[kept : kept + len(batch)] = batch
+            labels[kept : kept + len(batch)] = batch_labels
+            kept += len(batch)
+            skipped += bad
+            bar.update(len(batch) + len(bad))
+    if not kept:
+        raise DatasetError(printable(f"{source.name}: no readable images, e.g. {skipped[0][0]}"))
+    if skipped:
+        where, reason = skipped[0]
+        print(
+            printable(
+                f"warning: {source.name}: skipped {len(skipped)} unreadable image(s), e.g. "
+                f"{where}: {reason}"
+            ),
+            file=sys.stderr,
+        )
+    return ImageDataset(
+        images[:kept].clone() if kept < len(source) else images,
+        labels[:kept].clone(),
+        list(source.classes),
+        source.name,
+        skipped,
+    )
 
 
 def _centre(stream: ImageStream) -> ImageStream:
@@ -245,12 +347,17 @@ def in_memory_bytes(images: int, channels: int, image_size: int) -> int:
     return images * channels * image_size * image_size
 
 
-def stream_choice(images: int, channels: int, image_size: int) -> tuple[bool, str]:
-    """Whether `images` files are streamed rather than decoded into memory (when they would
-    take more than `memory_budget()`), and the figures that decided, in words."""
+def stream_choice(
+    images: int, channels: int, image_size: int, asked: bool | None = None
+) -> tuple[bool, str]:
+    """Whether `images` files are streamed rather than decoded into memory: as `asked`, else
+    when they would take more than `memory_budget()`; and why, in words."""
+    if asked is not None:
+        return asked, ("streamed from its files" if asked else "decoded into memory") + ", as asked"
     need, budget = in_memory_bytes(images, channels, image_size), memory_budget()
     how = "streamed from its files" if need > budget else "decoded into memory"
     return need > budget, (
         f"{images:,} images would take {need / 2**30:.2f} GiB at {image_size} px; the budget "
-        f"is {budget / 2**30:.2f} GiB ({MEMORY_SHARE:.0%} of the memory available): {how}"
+        f"is {budget / 2**30:.2f} GiB ({MEMORY_SHARE:.0%} of the memory available): {how} "
+        "(--stream / --in-memory choose)"
     )

@@ -17,11 +17,14 @@ from vitkit.data.transforms import AugmentConfig
 class TrainConfig:
     data: str = "fashion-mnist"
     data_dir: str | None = None
-    val_fraction: float = 0.1  # image folders without their own validation split
-    # Image folders: decode file by file in worker processes (True), into memory (False), or
-    # whichever the memory budget allows (None: `vitkit.data.stream.memory_budget`).
+    val_fraction: float = 0.1  # collections without their own validation split
+    # Collections (not named datasets): decode file by file in worker processes (True), into
+    # memory (False), or whichever the memory budget allows (None: `data.stream.memory_budget`).
     stream: bool | None = None
     workers: int | None = None  # decoding processes when streaming; None: one per core
+    # A Hugging Face dataset's columns; None: picked by their features.
+    image_column: str | None = None
+    label_column: str | None = None
     model: str | None = None  # preset; None picks one suited to the dataset's image size
     model_overrides: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10

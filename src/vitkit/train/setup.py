@@ -4,7 +4,6 @@ precision it computes in."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +17,9 @@ from vitkit.data import (
     calibration_sample,
     dataset_stats,
     load_dataset,
-    stream_folder,
 )
-from vitkit.data.idx import is_idx_dir
-from vitkit.data.load import folder_layout
-from vitkit.data.stream import FolderSource, stream_choice
+from vitkit.data.sources import open_source, source_kind
+from vitkit.data.stream import decode_all, stream_choice
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT
 from vitkit.rundir import STATE_JSON
@@ -72,42 +69,36 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 def load_splits(
     cfg: TrainConfig, image_size: int | None, channels: int | None = None
 ) -> tuple[Data, Data]:
-    """Training data and held-out data: the dataset's test split, or a folder's validation
-    part; an image folder in memory or streamed from its files (`streams`)."""
+    """Training data and held-out data: a named dataset's test split, or a collection's
+    held-out split (`vitkit.data.sources`), in memory or streamed from its files as
+    `cfg.stream` says, else as the memory budget allows (the choice and why are printed)."""
     kwargs = {"data_dir": cfg.data_dir, "image_size": image_size, "channels": channels}
-    if cfg.data in ("fashion-mnist", "mnist", "digits"):
-        return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "test", **kwargs)
-    if streams(cfg, image_size or FOLDER_IMAGE_SIZE, channels or 3):
-        aug = cfg.augment
-        crop = (
-            RandomResizedCrop(aug.crop_scale, aug.crop_ratio) if aug.random_resized_crop else None
+    if source_kind(cfg.data) is None:  # a named dataset or IDX files: small, in memory
+        return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
+    size, chans = image_size or FOLDER_IMAGE_SIZE, channels or 3
+    columns = {"image_column": cfg.image_column, "label_column": cfg.label_column}
+    # Split by the dataset's fixed seed (as load_dataset): the same held-out part either way.
+    train, val = (
+        open_source(cfg.data, split, val_fraction=cfg.val_fraction, **columns)
+        for split in ("train", "val")
+    )
+    stream, why = stream_choice(len(train), chans, size, cfg.stream)
+    print(f"data: {cfg.data}: training part: {why}", flush=True)
+    if not stream:
+        if source_kind(cfg.data) == "folder":  # decoded as `load_dataset` decodes folders
+            kwargs["val_fraction"] = cfg.val_fraction
+            return load_dataset(cfg.data, "train", **kwargs), load_dataset(
+                cfg.data, "val", **kwargs
+            )
+        return decode_all(train, size, chans, cfg.workers), decode_all(
+            val, size, chans, cfg.workers
         )
-        size, chans = image_size or FOLDER_IMAGE_SIZE, channels or 3
-        # Split as in memory (load_dataset's fixed seed): the same held-out part either way.
-        split = {"val_fraction": cfg.val_fraction, "workers": cfg.workers}
-        train = stream_folder(
-            cfg.data, "train", size, chans, crop=crop, crop_seed=cfg.seed, **split
-        )
-        return train, stream_folder(cfg.data, "val", size, chans, **split)
-    kwargs["val_fraction"] = cfg.val_fraction
-    return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
-
-
-def streams(cfg: TrainConfig, image_size: int, channels: int) -> bool:
-    """Whether an image folder is streamed: as `cfg.stream` says, else when decoding it into
-    memory would exceed `memory_budget()`. The choice and its reason are printed."""
-    if not Path(cfg.data).is_dir() or is_idx_dir(cfg.data):
-        return False
-    if cfg.stream is not None:
-        how = "streamed from its files" if cfg.stream else "decoded into memory"
-        print(f"data: {cfg.data}: {how}, as asked", flush=True)
-        return cfg.stream
-    directory, classes, subset = folder_layout(Path(cfg.data), "train")
-    split = {"classes": classes, "subset": subset, "val_fraction": cfg.val_fraction}
-    count = len(FolderSource.open(directory, **split))
-    stream, why = stream_choice(count, channels, image_size)
-    print(f"data: {cfg.data}: training part: {why} (--stream / --in-memory choose)", flush=True)
-    return stream
+    aug = cfg.augment
+    crop = RandomResizedCrop(aug.crop_scale, aug.crop_ratio) if aug.random_resized_crop else None
+    return (
+        ImageStream(train, size, chans, crop, cfg.seed, cfg.workers),
+        ImageStream(val, size, chans, workers=cfg.workers),
+    )
 
 
 def images_of(data: Data, n: int, seed: int = 0) -> torch.Tensor:
@@ -142,7 +133,7 @@ def model_and_data(
         size = config.image_size
     elif size is None and cfg.model:
         size = get_preset(cfg.model).image_size
-    elif size is None and Path(cfg.data).is_dir():
+    elif size is None and source_kind(cfg.data) is not None:
         size = FOLDER_IMAGE_SIZE
     # A new model's `in_channels` override converts the data (e.g. a folder to grey).
     channels = config.in_channels if config else cfg.model_overrides.get("in_channels")

@@ -1,0 +1,124 @@
+"""Where a collection's images come from: one `Source` per split of an image folder, a
+CSV / JSON-lines manifest, a WebDataset shard set or a Hugging Face dataset.
+
+    open_source("photos/", "train")                   one subfolder per class (or train/, val/)
+    open_source("labels.csv", "val")                  path,label rows, split by fraction
+    open_source("shards/", "train")                   shards.json (or train/ and val/ sets)
+    open_source("shards-{000000..000127}.tar", "train")
+    open_source("saved/", "val")                      Dataset(Dict).save_to_disk, or Parquet
+    open_source("hf:owner/name", "train")             a hub dataset (online)
+
+A source lists its images (it decodes none); `load.py` decodes one into memory or streams it.
+Named datasets (Fashion-MNIST, digits...) and folders of IDX files are not sources: they are
+small, and always in memory. A source without its own held-out split is split by fraction, the
+same way for every kind (`split_indices`): "val" and "test" both name the held-out part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from vitkit.data.dataset import DatasetError
+from vitkit.data.folder import find_classes
+from vitkit.data.hf import HUB_PREFIX, SAVED_FILES, open_hf
+from vitkit.data.idx import is_idx_dir
+from vitkit.data.manifest import ManifestSource
+from vitkit.data.shard_source import open_shards
+from vitkit.data.shards import MANIFEST
+from vitkit.data.stream import FolderSource, Source, split_source
+
+Kind = Literal["folder", "manifest", "shards", "hf"]
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json-lines", ".ndjson")
+HELD_OUT = ("val", "test")
+
+
+def source_kind(spec: str | Path) -> Kind | None:
+    """What kind of source `spec` names, or None (a named dataset, IDX files, nothing)."""
+    text, path = str(spec), Path(spec)
+    if text.startswith(HUB_PREFIX):
+        return "hf"
+    if path.is_dir():
+        if is_idx_dir(path):
+            return None
+        if (path / MANIFEST).is_file() or (path / "train" / MANIFEST).is_file():
+            return "shards"
+        if any((path / f).is_file() for f in SAVED_FILES) or any(path.glob("*.parquet")):
+            return "hf"
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix in MANIFEST_SUFFIXES:
+        return "manifest"
+    if suffix == ".parquet" or (suffix == "" and "*" in text):
+        return "hf"
+    if suffix in (".tar", ".json") or "{" in text:
+        return "shards"
+    return None
+
+
+def open_source(
+    spec: str | Path,
+    split: str,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> Source:
+    """Split `split` ("train", "val" or "test") of the collection `spec` names."""
+    kind = source_kind(spec)
+    if kind is None:
+        raise DatasetError(f"{spec}: not an image folder, manifest, shard set or HF dataset")
+    if split not in ("train", *HELD_OUT):
+        raise DatasetError(f"{spec} has splits 'train' and 'val' (or 'test'), not {split!r}")
+    subset = "train" if split == "train" else "val"
+    if kind == "hf":
+        return open_hf(
+            spec,
+            split,
+            image_column=image_column,
+            label_column=label_column,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+    if kind == "folder":
+        directory, classes, part = folder_layout(Path(spec), split)
+        source = FolderSource.open(
+            directory, classes=classes, subset=part, val_fraction=val_fraction, seed=seed
+        )
+        source.name = Path(spec).name
+        return source
+    if kind == "manifest":
+        return split_source(ManifestSource.open(spec), subset, val_fraction, seed)
+    path = Path(spec)
+    if path.is_dir() and (path / "train" / MANIFEST).is_file():
+        held_out = [path / s for s in (split, *HELD_OUT) if (path / s / MANIFEST).is_file()]
+        if split == "train" or held_out:
+            return open_shards(path / "train" if split == "train" else held_out[0], path.name)
+        path = path / "train"  # a train/ set alone is split by fraction, like a folder
+    return split_source(open_shards(path), subset, val_fraction, seed)
+
+
+def folder_layout(
+    root: Path, split: str
+) -> tuple[Path, list[str] | None, Literal["all", "train", "val"]]:
+    """Where a split of an image folder lies: (directory, its class names if they are fixed by
+    a training folder, the part of a fraction split it is or "all").
+
+    A folder with `train/` and `val/` or `test/` uses them ("val" and "test" each prefer their
+    own folder and fall back on the other); any other folder (or a lone `train/` in it) is
+    split by fraction into "train" and "val" ("test" is taken for "val")."""
+    train_dir = root / "train"
+    held_out_dirs = [d for d in (root / "val", root / "test") if d.is_dir()]
+    if train_dir.is_dir() and held_out_dirs:
+        if split == "train":
+            return train_dir, None, "all"
+        if split not in HELD_OUT:
+            raise DatasetError(f"{root} has splits train and val/test, not {split!r}")
+        held_out = root / split if (root / split).is_dir() else held_out_dirs[0]
+        return held_out, find_classes(train_dir), "all"
+    if train_dir.is_dir():
+        root = train_dir  # a train/ folder alone is split by fraction, like a plain folder
+    if split not in ("train", *HELD_OUT):
+        raise DatasetError(f"{root} is split by fraction into 'train' and 'val', not {split!r}")
+    return root, None, "train" if split == "train" else "val"
