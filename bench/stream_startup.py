@@ -5,17 +5,19 @@ collection grows, and how soon does the first step come?
 
 For each size, a folder of ImageNet-like photos (500x375 JPEG, 10 classes, written once into
 --root) is trained on with `vitkit train --data DIR --model Ti/16 --max-steps 3 --batch-size
-32` (no other flag: the run picks in-memory or streamed itself), and the wall time and the
-peak memory of the whole process tree (the trainer and its decoding workers: their PSS summed,
-sampled every 0.1 s) are printed.
+32` (no other flag: the run picks in-memory or streamed itself), and the time to the end of
+its first step, the wall time in all and the peak memory of the whole process tree (the
+trainer and its decoding workers: their PSS summed, sampled every 0.1 s) are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,19 +64,32 @@ def tree_memory(pid: int) -> int:
     return total
 
 
-def run(folder: Path) -> tuple[float, int]:
+def run(folder: Path) -> tuple[float, float, int]:
+    """(seconds to the end of the first step, seconds in all, peak memory) of the command on
+    `folder`, timed from the process's start: its progress bar says when step 1 is done."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "vitkit", "train", "--data", str(folder)]
         command += ["--model", "Ti/16", "--max-steps", "3", "--batch-size", "32"]
-        command += ["--out", str(Path(out) / "run"), "--quiet"]
-        start, peak = time.perf_counter(), 0
-        proc = subprocess.Popen(command)
+        command += ["--out", str(Path(out) / "run")]
+        start, peak, first = time.perf_counter(), 0, []
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def watch() -> None:
+            seen = b""
+            while chunk := proc.stderr.read1(4096):
+                seen = seen[-200:] + chunk
+                if not first and re.search(rb"\| +1/\d+ \[", seen):
+                    first.append(time.perf_counter() - start)
+
+        reader = threading.Thread(target=watch, daemon=True)
+        reader.start()
         while proc.poll() is None:
             peak = max(peak, tree_memory(proc.pid))
             time.sleep(0.1)
-        if proc.returncode:
+        reader.join()
+        if proc.returncode or not first:
             raise SystemExit(f"vitkit train failed with exit code {proc.returncode}")
-        return time.perf_counter() - start, peak
+        return first[0], time.perf_counter() - start, peak
 
 
 def main() -> None:
@@ -85,9 +100,13 @@ def main() -> None:
     results = []
     for count in args.images:
         folder = write_photos(args.root, count)
-        seconds, peak = run(folder)
+        first, seconds, peak = run(folder)
         results.append((count, seconds, peak))
-        print(f"{count:,} photos: {seconds:.1f} s, peak memory {peak / 2**30:.2f} GiB", flush=True)
+        print(
+            f"{count:,} photos: first step after {first:.1f} s, {seconds:.1f} s in all, "
+            f"peak memory {peak / 2**30:.2f} GiB",
+            flush=True,
+        )
     if len(results) > 1:
         base = results[0][2]
         for count, _, peak in results[1:]:

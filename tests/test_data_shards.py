@@ -15,9 +15,10 @@ from vitkit.cli import main
 from vitkit.cli.data import parse_size
 from vitkit.data import shards as shards_module
 from vitkit.data.dataset import DatasetError
+from vitkit.data.inspect import inspect_source
 from vitkit.data.preprocess import UnreadableImage, load_image
 from vitkit.data.shard_source import open_shards
-from vitkit.data.shards import MANIFEST, ShardSet, inspect_source, pack_folder
+from vitkit.data.shards import MANIFEST, ShardSet, pack_folder
 from vitkit.data.sources import open_source
 from vitkit.data.stream import ImageStream
 
@@ -357,7 +358,7 @@ def test_cli_data_inspect_pack_and_bad_input(tmp_path, folder, capsys):
 
     assert main(["data", "inspect", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "nowhere: neither an image folder nor a shard set" in err
+    assert err.count("\n") == 1 and "nowhere: not an image folder, manifest, shard set" in err
     with pytest.raises(SystemExit):
         main(["data", "pack", str(root), str(tmp_path / "x"), "--shard-size", "lots"])
     assert "not a size: 'lots'" in capsys.readouterr().err

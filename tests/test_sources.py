@@ -337,3 +337,29 @@ def test_hf_stream_in_worker_processes(hf, tmp_path):
     expected = torch.stack([load_image(io.BytesIO(b), 3, 32) for b in encoded(data)])
     assert torch.equal(torch.cat([images for images, _ in batches[2]]), expected)
     assert torch.cat([labels for _, labels in batches[2]]).tolist() == data["label"][:]
+
+
+def test_inspect_reports_a_manifest_and_a_saved_dataset(tmp_path):
+    from vitkit.data.inspect import inspect_source
+
+    files = write_images(tmp_path / "m", ["a/0.png", "a/1.jpg", "b/2.png"])
+    (tmp_path / "m" / "b" / "bad.png").write_bytes(b"not an image")
+    rows = [f"{f.relative_to(tmp_path / 'm')},{f.parent.name}" for f in files]
+    (tmp_path / "m" / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\nb/bad.png,b\n")
+    report = inspect_source(tmp_path / "m" / "list.csv")
+    assert (report.kind, report.classes, report.counts) == ("manifest", ["a", "b"], [2, 1])
+    assert [Path(where).name for where, _ in report.unreadable] == ["bad.png"]
+
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {"img": datasets.Image(), "y": datasets.ClassLabel(names=["a", "b"])}
+    )
+    data = {"img": [{"bytes": picture(i), "path": None} for i in range(5)], "y": [0, 1, 1, 0, 1]}
+    split = datasets.Dataset.from_dict(data, features=features)
+    datasets.DatasetDict({"train": split, "test": split.select([0, 1])}).save_to_disk(
+        tmp_path / "d"
+    )
+    report = inspect_source(tmp_path / "d")
+    assert report.kind == "splits" and list(report.splits) == ["train", "val"]
+    assert report.splits["train"].counts == [2, 3] and report.splits["val"].counts == [1, 1]
+    assert report.splits["train"].formats == {"PNG": 5}

@@ -39,7 +39,7 @@ def _positive(text: str) -> int:
 
 def add_data_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "data", help="inspect an image folder or shard set; pack a folder into shards"
+        "data", help="inspect a collection (folder, manifest, shards, HF dataset); pack a folder"
     )
     sub = p.add_subparsers(dest="data_command", required=True)
     inspect = sub.add_parser(
@@ -50,8 +50,10 @@ def add_data_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     inspect.add_argument(
         "source",
         metavar="SOURCE",
-        help="an image folder (one subfolder per class, or train/ and val/), a shard set's "
-        "folder or shards.json, a brace pattern like 'shards-{000000..000127}.tar', or a .tar",
+        help="an image folder (one subfolder per class, or train/ and val/), a manifest "
+        "(.csv or .jsonl of path,label), a shard set's folder or shards.json, a brace pattern "
+        "like 'shards-{000000..000127}.tar' or a .tar, a Hugging Face dataset (save_to_disk "
+        "folder, Parquet)",
     )
     inspect.set_defaults(func=cmd_inspect)
     pack = sub.add_parser(
@@ -85,7 +87,7 @@ def add_data_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     # Heavy (Pillow, webdataset): imported when the command runs, not at every start-up.
-    from vitkit.data.shards import inspect_source
+    from vitkit.data.inspect import inspect_source
 
     report = inspect_source(args.source)
     print(report.format())

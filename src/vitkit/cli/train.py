@@ -155,9 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return fail(args.command, str(e), 1)
     if rank() == 0:
         acc = f"{result.val_acc:.4f}" if result.val_acc is not None else "n/a"
+        first = result.first_step_seconds
         print(
             f"{result.run_dir}: step {result.step}/{result.total_steps}, held-out accuracy "
             f"{acc}, {result.seconds / 60:.1f} min"
+            + (f" (first step after {first:.1f} s)" if first is not None else "")
         )
     if result.stop_signal is not None:  # the shell's convention: 128 + the signal's number
         return 128 + result.stop_signal

@@ -69,6 +69,8 @@ class TrainResult:
     interrupted: bool = False
     # The signal that stopped the run early (SIGINT or SIGTERM), if one did.
     stop_signal: int | None = None
+    # From `train`'s call to the end of this call's first step (loading, set-up, first batch).
+    first_step_seconds: float | None = None
 
 
 @dataclass
@@ -113,6 +115,8 @@ class Run:
     lr: float = 0.0  # the last step's
     start: float = 0.0
     last_save: float = 0.0
+    called: float = 0.0  # when `train` was called
+    first_step: float | None = None  # seconds from then to the end of the first step
     # For images/s: what this process has trained on of the current epoch, since when, and
     # how long of it the steps waited for their data.
     seen: int = 0
@@ -147,9 +151,11 @@ def train(
         cfg = read_saved(
             states[0], "train_config", lambda d: TrainConfig.from_dict(d | {"max_steps": max_steps})
         )
+    called = time.perf_counter()
     reuse_freed_memory()
     with distributed.joined(distributed.pick_device(device), cfg.shard) as world:
         run = _start(cfg, run_dir, states, world, datasets, progress and world.main)
+        run.called = called
         return _train(run, on_step)
 
 
@@ -253,7 +259,15 @@ def _train(run: Run, on_step: StepHook | None) -> TrainResult:
         received = signal.SIGINT  # another process was stopped
     seconds = time.perf_counter() - run.start
     return TrainResult(
-        run.run_dir, run.step, run.total, run.val_acc, run.best, seconds, stop, received
+        run.run_dir,
+        run.step,
+        run.total,
+        run.val_acc,
+        run.best,
+        seconds,
+        stop,
+        received,
+        run.first_step,
     )
 
 
@@ -283,6 +297,8 @@ def _epoch(run: Run, stop_signal: StopSignal, on_step: StepHook | None) -> bool:
         images, labels = next(batches)
         run.data_wait += time.perf_counter() - waited
         stop = _step(run, images, labels, stop_signal)
+        if run.first_step is None:
+            run.first_step = time.perf_counter() - run.called
         seen, correct, loss = run.sums
         elapsed = time.perf_counter() - run.epoch_start
         bar.update()
