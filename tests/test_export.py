@@ -80,6 +80,7 @@ def test_metadata_round_trips(exported):
             "mean": [0.5],
             "std": [0.5],
             "interpolation": "bicubic",
+            "crop_pct": 1.0,
             "normalize": None,
         }
     assert read_metadata(fp32)["quantization"] is None

@@ -153,6 +153,7 @@ def test_model_health_page_and_docs(client):
         "mean": list(info["config"]["mean"]),
         "std": list(info["config"]["std"]),
         "interpolation": "bicubic",
+        "crop_pct": 1.0,
     }
     assert client.get("/healthz").json()["status"] == "ok"
     page = client.get("/")

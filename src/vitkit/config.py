@@ -43,6 +43,10 @@ class ViTConfig:
     # How images are resized to image_size: timm's ViTs were trained with bicubic, Google's
     # and Hugging Face's with bilinear.
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    # The share of the centre square that evaluation and prediction keep (timm's crop_pct):
+    # the shorter side is resized to image_size / crop_pct, then image_size is cut from the
+    # centre. 1.0 keeps the whole centre square; most of timm's 224-pixel ViTs take 0.9.
+    crop_pct: float = 1.0
     # The hybrid model (paper, section 3.1): patches are cut from a ResNet-v2 feature map
     # instead of the image. Bottleneck blocks per stage (None: no CNN, a plain ViT), the
     # stem's width, and its kind: "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv).
@@ -224,7 +228,8 @@ MAX_PARAMS = 4_000_000_000
 def _check_floats(cfg: ViTConfig) -> None:
     """NaN and infinity parse from JSON; none of them, nor a float-overflowing int, is a
     setting. Ranges that the fields' meaning fixes are checked here too."""
-    for name in ("mlp_ratio", "ln_eps", "dropout", "attn_dropout", "drop_path", "mean", "std"):
+    floats = ("mlp_ratio", "ln_eps", "dropout", "attn_dropout", "drop_path", "crop_pct")
+    for name in (*floats, "mean", "std"):
         value = getattr(cfg, name)
         if not all(_finite(v) for v in (value if isinstance(value, tuple) else (value,))):
             raise ValueError(f"ViTConfig.{name} must be finite, got {brief(value)}")
@@ -234,6 +239,8 @@ def _check_floats(cfg: ViTConfig) -> None:
         )
     if not 0 < cfg.ln_eps <= 1:
         raise ValueError(f"ViTConfig.ln_eps must be in (0, 1], got {brief(cfg.ln_eps)}")
+    if not 0 < cfg.crop_pct <= 1:
+        raise ValueError(f"ViTConfig.crop_pct must be in (0, 1], got {brief(cfg.crop_pct)}")
 
 
 def brief(value: Any) -> str:

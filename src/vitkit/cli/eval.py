@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.val_fraction is None
         else args.val_fraction
     )
-    dataset = _dataset(args, c.image_size, c.in_channels, fraction)
+    dataset = _dataset(args, c.image_size, c.in_channels, fraction, c.crop_pct)
     if isinstance(dataset, data.ImageDataset) and dataset.skipped:
         path, reason = dataset.skipped[0]
         note("eval", f"skipped {len(dataset.skipped)} unreadable file(s), first {path}: {reason}")
@@ -86,19 +86,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _dataset(
-    args: argparse.Namespace, image_size: int, channels: int, val_fraction: float
+    args: argparse.Namespace, image_size: int, channels: int, val_fraction: float, crop_pct: float
 ) -> data.ImageDataset | data.ImageStream:
     """The split to score: a collection too large for the memory budget is streamed (as
-    training does), any other dataset loaded into memory."""
+    training does), any other dataset loaded into memory; a collection's images cropped as
+    the model evaluates (`crop_pct`)."""
     if source_kind(args.data) is not None:
         columns = {"image_column": args.image_column, "label_column": args.label_column}
         source = open_source(args.data, args.split, val_fraction=val_fraction, **columns)
         stream, why = stream_choice(len(source), channels, image_size)
         note("eval", f"{args.data}: {why}")
         if stream:
-            return data.ImageStream(source, image_size, channels)
+            return data.ImageStream(source, image_size, channels, crop_pct=crop_pct)
         if source_kind(args.data) != "folder":
-            return decode_all(source, image_size, channels)
+            return decode_all(source, image_size, channels, crop_pct=crop_pct)
     return data.load_dataset(
         args.data,
         split=args.split,
@@ -106,6 +107,7 @@ def _dataset(
         image_size=image_size,
         channels=channels,
         val_fraction=val_fraction,
+        crop_pct=crop_pct,
     )
 
 

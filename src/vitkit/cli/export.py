@@ -12,7 +12,7 @@ import torch
 from vitkit.cli.common import default_out, fail, note, trained_val_fraction, training_settings
 from vitkit.config import ViTConfig
 from vitkit.data import load_dataset
-from vitkit.data.preprocess import load_image, preprocess
+from vitkit.data.preprocess import centre_crop, load_image, preprocess
 from vitkit.infer.predict import expand_inputs
 from vitkit.rundir import TRAIN_CONFIG_FILE
 from vitkit.weights.format import CheckpointError, load_model, resolve_model_dir
@@ -121,8 +121,9 @@ def _check_inputs(
         files = expand_inputs(paths)
         if not files:
             raise ValueError(f"no image files in {', '.join(paths)}")
+        crop = centre_crop(c.crop_pct)
         images = torch.stack(
-            [load_image(f, c.in_channels, c.image_size, c.interpolation) for f in files]
+            [load_image(f, c.in_channels, c.image_size, c.interpolation, crop=crop) for f in files]
         )
         return preprocess(images, c), f"{len(files)} given image(s)"
     settings = training_settings(model_dir)
@@ -138,6 +139,7 @@ def _check_inputs(
             image_size=c.image_size,
             channels=c.in_channels,
             val_fraction=trained_val_fraction(settings),
+            crop_pct=c.crop_pct,
         )
     except (ValueError, OSError) as e:  # DatasetError is a ValueError
         return None, f"its training data is not available ({e})"

@@ -44,7 +44,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"  classes {cfg.num_classes}: "
         + (printable(", ".join(model.labels)) if model.labels else "(unnamed)")
     )
-    print(f"  pool {cfg.pool}, registers {cfg.num_registers}, mean {cfg.mean}, std {cfg.std}")
+    print(f"  pool {cfg.pool}, registers {cfg.num_registers}")
+    print(
+        f"  preprocessing: {cfg.interpolation} resize, crop_pct {cfg.crop_pct}, "
+        f"mean {cfg.mean}, std {cfg.std}"
+    )
     if cfg.source:
         print(f"  from {cfg.source}")
     return 0

@@ -13,7 +13,13 @@ import torch
 from tqdm import tqdm
 
 from vitkit.data.dataset import DatasetError, ImageDataset, split_indices
-from vitkit.data.preprocess import UnreadableImage, image_extensions, load_image
+from vitkit.data.preprocess import (
+    Crop,
+    UnreadableImage,
+    centre_crop,
+    image_extensions,
+    load_image,
+)
 
 # Below this many files, loading is quick enough that a progress bar is only noise.
 PROGRESS_MIN_FILES = 300
@@ -44,13 +50,15 @@ def load_image_folder(
     val_fraction: float = 0.1,
     seed: int = 0,
     name: str | None = None,
+    crop_pct: float = 1.0,
 ) -> ImageDataset:
     """Every image under `root`/<class>/ (searched recursively), decoded by the module's rules.
 
     `classes` fixes the class names and their order (a validation folder must use those of
     its training folder); by default they are the sorted subfolder names. `subset` "train" or
     "val" keeps one part of a stratified split that holds out `val_fraction` of each class,
-    reproducibly by `seed`; only that part is decoded. Unreadable files are skipped, listed in
+    reproducibly by `seed`; only that part is decoded, each image's centre crop of `crop_pct`
+    (see `centre_crop`). Unreadable files are skipped, listed in
     the dataset's `skipped` and summarised on stderr; no readable image at all is an error.
     """
     root = Path(root)
@@ -71,7 +79,8 @@ def load_image_folder(
                 f"{root}: the {subset} part is empty (val_fraction {val_fraction}); "
                 "use a larger fraction or more images"
             )
-    images, kept, skipped = _decode_all(files, channels, image_size, f"loading {root.name}")
+    crop = centre_crop(crop_pct)
+    images, kept, skipped = _decode_all(files, channels, image_size, crop, f"loading {root.name}")
     if not kept:
         first = f"; first: {printable(skipped[0][0])}: {skipped[0][1]}" if skipped else ""
         raise DatasetError(
@@ -96,7 +105,7 @@ def load_image_folder(
 
 
 def _decode_all(
-    files: list[Path], channels: int, image_size: int, desc: str
+    files: list[Path], channels: int, image_size: int, crop: Crop, desc: str
 ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
     """The readable files decoded into one uint8 tensor: (images, indices of the files they
     are, (path, reason) of each unreadable one)."""
@@ -106,7 +115,7 @@ def _decode_all(
     quiet = len(files) < PROGRESS_MIN_FILES
     for i, path in enumerate(tqdm(files, desc=desc, unit="img", disable=quiet)):
         try:
-            images[len(kept)] = load_image(path, channels, image_size)
+            images[len(kept)] = load_image(path, channels, image_size, crop=crop)
         except UnreadableImage as e:
             skipped.append((e.path, e.reason))
             continue

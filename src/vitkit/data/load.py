@@ -27,6 +27,7 @@ def load_dataset(
     channels: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
+    crop_pct: float = 1.0,
 ) -> ImageDataset:
     """Load one split of a named dataset (see `DATASETS`) or of a collection (`sources.py`).
 
@@ -37,7 +38,8 @@ def load_dataset(
     class and is split by `val_fraction` (stratified, fixed `seed`) into "train" and "val"
     ("test" is accepted for "val"); other collections split alike. Images come back with
     `channels` channels (grey is repeated, colour becomes luma) at `image_size` x
-    `image_size`; left out, named datasets keep theirs and collections become 3 x 224 x 224.
+    `image_size`; left out, named datasets keep theirs and collections become 3 x 224 x 224,
+    each image of a collection the centre crop of `crop_pct` (see `centre_crop`).
     """
     if spec in KNOWN:
         ds = load_idx(spec, _held_out_as_test(spec, split), data_dir)
@@ -46,10 +48,21 @@ def load_dataset(
     elif Path(spec).is_dir() and is_idx_dir(spec):
         ds = load_idx_dir(spec, _held_out_as_test(spec, split))
     elif source_kind(spec) == "folder":
-        return _load_folder_split(Path(spec), split, image_size, channels, val_fraction, seed)
+        directory, classes, subset = folder_layout(Path(spec), split)
+        return load_image_folder(
+            directory,
+            channels or 3,
+            image_size or 224,
+            classes=classes,
+            subset=subset,
+            val_fraction=val_fraction,
+            seed=seed,
+            name=Path(spec).name,
+            crop_pct=crop_pct,
+        )
     elif source_kind(spec) is not None:
         source = open_source(spec, split, val_fraction=val_fraction, seed=seed)
-        return decode_all(source, image_size or 224, channels or 3)
+        return decode_all(source, image_size or 224, channels or 3, crop_pct=crop_pct)
     else:
         raise DatasetError(
             f"unknown dataset {spec!r}: not one of {', '.join(DATASETS)}, an image folder, "
@@ -64,28 +77,6 @@ def _held_out_as_test(spec: str, split: str) -> str:
     return "test" if split == "val" else split
 
 
-def _load_folder_split(
-    root: Path,
-    split: str,
-    image_size: int | None,
-    channels: int | None,
-    val_fraction: float,
-    seed: int,
-) -> ImageDataset:
-    size, chans, name = image_size or 224, channels or 3, root.name
-    directory, classes, subset = folder_layout(root, split)
-    return load_image_folder(
-        directory,
-        chans,
-        size,
-        classes=classes,
-        subset=subset,
-        val_fraction=val_fraction,
-        seed=seed,
-        name=name,
-    )
-
-
 def stream_source(
     spec: str | Path,
     split: str,
@@ -97,12 +88,14 @@ def stream_source(
     crop: RandomResizedCrop | None = None,
     crop_seed: int = 0,
     workers: int | None = None,
+    crop_pct: float = 1.0,
 ) -> ImageStream:
     """A split of an image folder, manifest, shard set or HF dataset (split by `val_fraction`
     and `seed` as `load_dataset` splits), streamed: listed now, decoded batch by batch (see
-    `vitkit.data.stream`); `crop_seed` seeds the random crops."""
+    `vitkit.data.stream`); `crop_seed` seeds the random crops, without which each image is
+    its centre crop of `crop_pct`."""
     source = open_source(spec, split, val_fraction=val_fraction, seed=seed)
-    return ImageStream(source, image_size, channels, crop, crop_seed, workers)
+    return ImageStream(source, image_size, channels, crop, crop_seed, workers, crop_pct)
 
 
 def _conform(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:

@@ -12,10 +12,12 @@ A file is decoded by these rules (`load_image`):
    0, the empty background of MNIST-style data.
 4. Grey becomes RGB by repetition and RGB becomes grey by luma (ITU-R 601), to `channels`.
 5. The shorter side is resized to `image_size` (bicubic unless told otherwise) and the centre
-   square is kept. An image more than four times `image_size` on its shorter side is first
-   reduced by a whole factor (block averages, as Pillow's `reducing_gap` does) to no less than
-   twice `image_size`, a strip at a time before step 3, so that a 16-bit, float, palette or
-   transparent image never has a full-size float or RGBA copy made of it.
+   square is kept; a model's evaluation and prediction keep only the central `crop_pct` of it
+   (`centre_crop`, timm's convention), resized to `image_size` in the same step. An image
+   more than four times `image_size` on its shorter side is first reduced by a whole factor
+   (block averages, as Pillow's `reducing_gap` does) to no less than twice `image_size`, a
+   strip at a time before step 3, so that a 16-bit, float, palette or transparent image never
+   has a full-size float or RGBA copy made of it.
 
 Only the first frame of an animated or multi-page file (GIF, TIFF, APNG, WebP, MPO) is read;
 the others are never decoded. An image larger than a pixel limit, by its declared size or by a
@@ -116,6 +118,27 @@ def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
         (width + side) / 2 / width,
         (height + side) / 2 / height,
     )
+
+
+def centre_crop(crop_pct: float) -> Crop:
+    """The centre square scaled about its centre by `crop_pct` (timm's eval crop: the shorter
+    side resized to image_size / crop_pct, image_size cut from the centre); `centre_square`
+    itself for 1.0."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if crop_pct == 1:
+        return centre_square
+
+    def box(width: int, height: int) -> tuple[float, float, float, float]:
+        side = min(width, height) * crop_pct
+        return (
+            (width - side) / 2 / width,
+            (height - side) / 2 / height,
+            (width + side) / 2 / width,
+            (height + side) / 2 / height,
+        )
+
+    return box
 
 
 def load_image(
@@ -268,7 +291,7 @@ def _decode(
     if factor == 1 and w * h <= (2 * _REDUCING_GAP * image_size) ** 2:
         # No larger than a square that would be reduced: converted at once, as it always was.
         img = _to_8bit(img).convert(mode)
-        if (w, h) == (image_size, image_size):
+        if (w, h) == (image_size, image_size) and box == (0, 0, w, h):  # nothing to crop
             return img
         return img.resize((image_size, image_size), resample, box=box)
     # Only the square and what the filter reaches around it (bicubic: 2 output pixels, and a

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from vitkit.data.dataset import DatasetError, ImageDataset, split_indices
 from vitkit.data.folder import PROGRESS_MIN_FILES, find_classes, list_images, printable
-from vitkit.data.preprocess import Crop, UnreadableImage, centre_square, load_image
+from vitkit.data.preprocess import Crop, UnreadableImage, centre_crop, load_image
 
 # An unreadable file: (its name, why).
 Bad = tuple[str, str]
@@ -160,10 +160,11 @@ class _Decoded(Dataset):
         channels: int,
         crop: RandomResizedCrop | None,
         seed: int,
+        crop_pct: float = 1.0,
         replace: bool = True,
     ) -> None:
         self.source, self.image_size, self.channels = source, image_size, channels
-        self.crop, self.seed, self.replace = crop, seed, replace
+        self.crop, self.seed, self.crop_pct, self.replace = crop, seed, crop_pct, replace
 
     def __len__(self) -> int:
         return len(self.source)
@@ -176,7 +177,7 @@ class _Decoded(Dataset):
             i = (index + tries) % n
             # A string seed: Python hashes it with sha512, the same in every process.
             rng = random.Random(f"{self.seed}:{epoch}:{i}")
-            crop = self.crop.box(rng) if self.crop else centre_square
+            crop = self.crop.box(rng) if self.crop else centre_crop(self.crop_pct)
             try:
                 image = load_image(self.source.read(i), self.channels, self.image_size, crop=crop)
             except UnreadableImage as e:
@@ -209,7 +210,8 @@ def _one_thread(_: int) -> None:
 
 
 class ImageStream:
-    """Batches of uint8 images decoded from a `Source` in `workers` processes."""
+    """Batches of uint8 images decoded from a `Source` in `workers` processes: random crops
+    (`crop`, seeded by `seed`), or the centre crop of `crop_pct` (see `centre_crop`)."""
 
     def __init__(
         self,
@@ -219,12 +221,13 @@ class ImageStream:
         crop: RandomResizedCrop | None = None,
         seed: int = 0,
         workers: int | None = None,
+        crop_pct: float = 1.0,
     ) -> None:
         self.source, self.classes, self.name = source, source.classes, source.name
         self.labels = torch.tensor(source.labels, dtype=torch.int64)
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.crop_pct = image_size, channels, crop_pct
         self.workers = default_workers() if workers is None else workers
-        self._data = _Decoded(source, image_size, channels, crop, seed)
+        self._data = _Decoded(source, image_size, channels, crop, seed, crop_pct)
         self.skipped: dict[str, None] = {}  # in the order met, each once
 
     def __len__(self) -> int:
@@ -268,12 +271,17 @@ class ImageStream:
 
 
 def decode_all(
-    source: Source, image_size: int, channels: int, workers: int | None = None
+    source: Source,
+    image_size: int,
+    channels: int,
+    workers: int | None = None,
+    crop_pct: float = 1.0,
 ) -> ImageDataset:
-    """Every readable image of `source` decoded into memory (centre-cropped) in `workers`
-    processes; unreadable ones are left out, listed in `skipped` and summarised on stderr."""
+    """Every readable image of `source` decoded into memory (the centre crop of `crop_pct`) in
+    `workers` processes; unreadable ones are left out, listed in `skipped` and summarised on
+    stderr."""
     workers = default_workers() if workers is None else workers
-    data = _Decoded(source, image_size, channels, None, 0, replace=False)
+    data = _Decoded(source, image_size, channels, None, 0, crop_pct, replace=False)
     steps = [
         [(0, i) for i in range(k, min(k + 256, len(source)))] for k in range(0, len(source), 256)
     ]
@@ -318,7 +326,11 @@ def decode_all(
 def _centre(stream: ImageStream) -> ImageStream:
     """The same files without random crops (evaluation, samples)."""
     return ImageStream(
-        stream.source, stream.image_size, stream.channels, None, workers=stream.workers
+        stream.source,
+        stream.image_size,
+        stream.channels,
+        workers=stream.workers,
+        crop_pct=stream.crop_pct,
     )
 
 

@@ -117,6 +117,8 @@ def _metadata(config: ViTConfig, labels: list[str] | None) -> dict[str, str]:
         "mean": list(config.mean),
         "std": list(config.std),
         "interpolation": config.interpolation,
+        # Shorter side resized to image_size / crop_pct, then image_size cut from the centre.
+        "crop_pct": config.crop_pct,
         "normalize": "(pixel / 255 - mean) / std, per channel, after resizing",
     }
     return {

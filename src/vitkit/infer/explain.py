@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitkit.data.preprocess import load_image, preprocess
+from vitkit.data.preprocess import centre_crop, load_image, preprocess
 from vitkit.infer.labels import top_k
 from vitkit.model.vit import ViT
 from vitkit.plots import new_figure
@@ -188,7 +188,8 @@ def explain_image(
         mean, std = torch.tensor(c.mean).view(-1, 1, 1), torch.tensor(c.std).view(-1, 1, 1)
         shown = ((x[0] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
     else:
-        shown = load_image(source, c.in_channels, c.image_size, c.interpolation)
+        crop = centre_crop(c.crop_pct)  # as the model was evaluated
+        shown = load_image(source, c.in_channels, c.image_size, c.interpolation, crop=crop)
         x = preprocess(shown[None], c)
     param = next(model.parameters())
     logits, maps = attention_maps(

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vitkit.config import ViTConfig
 from vitkit.data.dataset import DatasetError
-from vitkit.data.preprocess import image_extensions, load_image, preprocess
+from vitkit.data.preprocess import centre_crop, image_extensions, load_image, preprocess
 from vitkit.infer.labels import top_k as top_k_labels
 from vitkit.infer.optimize import optimize
 from vitkit.model.vit import ViT
@@ -87,8 +87,10 @@ class Classifier:
     ) -> list[Prediction]:
         """One `Prediction` per input, in order; a 4-D tensor counts as a batch of images.
 
-        Float tensors are read as values in [0, 1], uint8 tensors as 0-255. Files that
-        cannot be read get `error` set instead of labels.
+        Files and PIL images are cropped as the model was evaluated (`config.crop_pct`);
+        tensors are taken as decoded pixels, floats as values in [0, 1], uint8 as 0-255, and
+        only centre-cropped to a square. Files that cannot be read get `error` set instead of
+        labels.
         """
         return list(self.predict_iter(images, top_k))
 
@@ -135,7 +137,8 @@ class Classifier:
                 raise ValueError(f"expected an image (C, H, W) or (H, W), got {tuple(item.shape)}")
             x = item.reshape(1, -1, *item.shape[-2:])
         else:
-            x = load_image(item, c.in_channels, c.image_size, c.interpolation)[None]
+            crop = centre_crop(c.crop_pct)
+            x = load_image(item, c.in_channels, c.image_size, c.interpolation, crop=crop)[None]
         return preprocess(x.to(self.device), c)
 
 

@@ -17,6 +17,7 @@ import binascii
 import contextlib
 import io
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +28,13 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from vitkit.config import ViTConfig
-from vitkit.data.preprocess import IMAGE_FORMATS, ImageTooLarge, check_pixels, load_image
+from vitkit.data.preprocess import (
+    IMAGE_FORMATS,
+    ImageTooLarge,
+    centre_crop,
+    check_pixels,
+    load_image,
+)
 
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # the most the default allows: a 48-megapixel photo fits
@@ -160,7 +167,8 @@ def parse_top_k(value: object) -> int:
 
 # -- the image ------------------------------------------------------------------------------
 def decode_image(data: bytes, config: ViTConfig, max_pixels: int) -> torch.Tensor:
-    """Uploaded bytes as the model's uint8 (C, S, S) pixels, by `load_image`'s rules.
+    """Uploaded bytes as the model's uint8 (C, S, S) pixels, by `load_image`'s rules, cropped
+    as the model was evaluated (`config.crop_pct`).
 
     Raises `ApiError` for bytes that are not an image of `IMAGE_FORMATS`, an image that
     cannot be decoded (truncated, corrupt), or one that declares more than `max_pixels` (413;
@@ -179,11 +187,14 @@ def decode_image(data: bytes, config: ViTConfig, max_pixels: int) -> torch.Tenso
         ) from None
     with img:
         s = config.image_size
+        # The shorter side that still covers the crop at s x s.
+        need = math.ceil(s / config.crop_pct)
         try:
             # By the size declared (a GIF's grown to its first frame) and TIFF tiles.
             check_pixels(img, max_pixels)
-            img.draft(None, (s, s))  # as load_image does for files: JPEGs decode at reduced scale
-            return load_image(img, config.in_channels, s, config.interpolation)
+            img.draft(None, (need, need))  # as load_image does for files: JPEGs at reduced scale
+            crop = centre_crop(config.crop_pct)
+            return load_image(img, config.in_channels, s, config.interpolation, crop=crop)
         except ImageTooLarge as e:
             raise ApiError(413, str(e)) from None
         except Image.DecompressionBombError as e:  # e.g. a frame larger than the image

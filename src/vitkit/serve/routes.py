@@ -25,7 +25,6 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import Image
 
 from vitkit.data.preprocess import preprocess
 from vitkit.infer.explain import METHODS, explain_image
@@ -247,9 +246,9 @@ async def explain(
 def _explain(
     model: ViT, pixels: torch.Tensor, how: str, k: int
 ) -> tuple[Labels, list[list[float]], bytes]:
-    """The top-k labels, the heatmap and the overlay as PNG, for uint8 (C, S, S) pixels."""
-    image = Image.fromarray(pixels.permute(1, 2, 0).squeeze(-1).numpy())
-    result = explain_image(model, image, how, k)
+    """The top-k labels, the heatmap and the overlay as PNG, for uint8 (C, S, S) pixels (as
+    decoded and cropped already: a tensor, so that they are not cropped again)."""
+    result = explain_image(model, pixels, how, k)
     png = io.BytesIO()
     result.overlay().save(png, "PNG")
     return result.labels, result.heatmap.round(4).tolist(), png.getvalue()

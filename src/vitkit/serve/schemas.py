@@ -102,6 +102,7 @@ def model_info(name: str, model: ViT, precision: str, limits: dict[str, Any]) ->
             "mean": list(config.mean),
             "std": list(config.std),
             "interpolation": config.interpolation,
+            "crop_pct": config.crop_pct,
         },
         "limits": limits,
     }

@@ -34,8 +34,9 @@ Data = ImageDataset | ImageStream
 FOLDER_IMAGE_SIZE = 64
 # A streamed dataset's normalisation is measured on this many of its images.
 STATS_IMAGES = 512
-# What a recipe's [model] may change in a pretrained model: regularisation, not weights.
-FINETUNE_OVERRIDES = frozenset({"dropout", "attn_dropout", "drop_path"})
+# What a recipe's [model] may change in a pretrained model: regularisation and the evaluation
+# crop, not weights.
+FINETUNE_OVERRIDES = frozenset({"dropout", "attn_dropout", "drop_path", "crop_pct"})
 
 
 def default_preset(image_size: int) -> str:
@@ -67,11 +68,13 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def load_splits(
-    cfg: TrainConfig, image_size: int | None, channels: int | None = None
+    cfg: TrainConfig, image_size: int | None, channels: int | None = None, crop_pct: float = 1.0
 ) -> tuple[Data, Data]:
     """Training data and held-out data: a named dataset's test split, or a collection's
     held-out split (`vitkit.data.sources`), in memory or streamed from its files as
-    `cfg.stream` says, else as the memory budget allows (the choice and why are printed)."""
+    `cfg.stream` says, else as the memory budget allows (the choice and why are printed).
+    A collection's held-out images are cropped as the model evaluates (`crop_pct`); decoding
+    into memory runs in `cfg.workers` processes too."""
     kwargs = {"data_dir": cfg.data_dir, "image_size": image_size, "channels": channels}
     if source_kind(cfg.data) is None:  # a named dataset or IDX files: small, in memory
         return load_dataset(cfg.data, "train", **kwargs), load_dataset(cfg.data, "val", **kwargs)
@@ -85,19 +88,15 @@ def load_splits(
     stream, why = stream_choice(len(train), chans, size, cfg.stream)
     print(f"data: {cfg.data}: training part: {why}", flush=True)
     if not stream:
-        if source_kind(cfg.data) == "folder":  # decoded as `load_dataset` decodes folders
-            kwargs["val_fraction"] = cfg.val_fraction
-            return load_dataset(cfg.data, "train", **kwargs), load_dataset(
-                cfg.data, "val", **kwargs
-            )
-        return decode_all(train, size, chans, cfg.workers), decode_all(
-            val, size, chans, cfg.workers
+        return (
+            decode_all(train, size, chans, cfg.workers),
+            decode_all(val, size, chans, cfg.workers, crop_pct),
         )
     aug = cfg.augment
     crop = RandomResizedCrop(aug.crop_scale, aug.crop_ratio) if aug.random_resized_crop else None
     return (
         ImageStream(train, size, chans, crop, cfg.seed, cfg.workers),
-        ImageStream(val, size, chans, workers=cfg.workers),
+        ImageStream(val, size, chans, workers=cfg.workers, crop_pct=crop_pct),
     )
 
 
@@ -137,7 +136,8 @@ def model_and_data(
         size = FOLDER_IMAGE_SIZE
     # A new model's `in_channels` override converts the data (e.g. a folder to grey).
     channels = config.in_channels if config else cfg.model_overrides.get("in_channels")
-    train_ds, val_ds = datasets or load_splits(cfg, size, channels)
+    crop_pct = cfg.model_overrides.get("crop_pct", config.crop_pct if config else 1.0)
+    train_ds, val_ds = datasets or load_splits(cfg, size, channels, crop_pct)
     if pretrained is not None:
         model = _fit_pretrained(pretrained, cfg, train_ds)
     else:

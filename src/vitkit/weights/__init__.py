@@ -1,5 +1,6 @@
 """Checkpoints: vitkit's own format, and converters from timm, Hugging Face and Google."""
 
+import contextlib
 import re
 from functools import partial
 from pathlib import Path
@@ -89,6 +90,10 @@ def download(name: str) -> tuple[str, Path, str]:
             path = huggingface_hub.hf_hub_download(
                 hub_repo, "model.safetensors", revision=revision or None
             )
+            # timm's config.json (its pretrained_cfg names the eval crop) lands beside the
+            # weights, where `from_timm` reads it; a repository without one still loads.
+            with contextlib.suppress(Exception):
+                huggingface_hub.hf_hub_download(hub_repo, "config.json", revision=revision or None)
     except Exception as e:  # offline, unknown repository or revision, gated model, ...
         raise CheckpointError(
             f"{name}: cannot download ({type(e).__name__}: {one_line(str(e))}); without a "

@@ -173,8 +173,8 @@ def _to_vitkit(
 
 
 def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
-    """Normalisation and resampling from preprocessor_config.json; without one, what
-    `ViTImageProcessor` defaults to (0.5 / 0.5, bilinear)."""
+    """Normalisation, resampling and eval crop from preprocessor_config.json; without one,
+    what `ViTImageProcessor` defaults to (0.5 / 0.5, bilinear, no crop)."""
     path = directory / PREPROCESSOR_FILE
     pre = read_json(path) if path.is_file() else {}
     if not isinstance(pre, dict):
@@ -187,7 +187,35 @@ def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
     resample = pre.get("resample")
     if isinstance(resample, int) and resample in PIL_RESAMPLE.values():
         out["interpolation"] = {v: k for k, v in PIL_RESAMPLE.items()}[resample]
+    crop_pct = _crop_pct(pre)
+    if crop_pct is not None:
+        out["crop_pct"] = crop_pct
     return out
+
+
+def _crop_pct(pre: dict[str, Any]) -> float | None:
+    """The share of the resized image an image processor's centre crop keeps: its `crop_pct`
+    (which ViTConfig checks), or its crop size over its (square or shortest-edge) resize; None
+    where it does not crop, or crops more than it resized (padding)."""
+    if not pre.get("do_center_crop", "crop_pct" in pre):
+        return None
+    if "crop_pct" in pre:
+        # ConvNeXT's processor resizes without cropping from 384 pixels up.
+        kind = str(pre.get("image_processor_type") or pre.get("feature_extractor_type"))
+        if kind.startswith("ConvNext") and (_side(pre.get("size")) or 0) >= 384:
+            return None
+        return pre["crop_pct"]
+    size, crop = _side(pre.get("size")), _side(pre.get("crop_size"))
+    return crop / size if size and crop and crop <= size else None
+
+
+def _side(size: Any) -> int | None:
+    """The side of a processor's `size` or `crop_size`: a number, a square, or shortest_edge."""
+    if isinstance(size, dict):
+        height, width = size.get("height"), size.get("width")
+        size = size.get("shortest_edge", height if height == width else None)
+    is_int = isinstance(size, int) and not isinstance(size, bool)
+    return size if is_int and size > 0 else None
 
 
 def to_hf(model: ViT, directory: str | Path) -> Path:

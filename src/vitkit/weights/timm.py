@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from vitkit.config import ViTConfig, resnet_stride
+from vitkit.config import ViTConfig, brief, is_instance, resnet_stride
 from vitkit.model.vit import ViT, state_shapes
 from vitkit.weights.foreign import default_heads, grid_of, read_state_dict
-from vitkit.weights.format import CheckpointError, reading, shape_problems
+from vitkit.weights.format import CheckpointError, read_json, reading, shape_problems
 
 # timm names that vitkit has too (per block, {i} is the block index). Anything else in a
 # checkpoint (layer scale, q/k norms, attention pooling...) is an architecture vitkit does
@@ -55,6 +56,8 @@ TIMM_NAMES = (
     "head.bias",
 )
 _PATTERN = re.compile("|".join(re.sub(r"\\\{[isn]\\\}", r"\\d+", re.escape(n)) for n in TIMM_NAMES))
+# What timm's eval transform takes when a pretrained_cfg names no crop_pct.
+TIMM_DEFAULT_CROP_PCT = 0.875
 
 
 def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -> ViTConfig:
@@ -122,16 +125,51 @@ def resnet_from_timm(state: dict[str, torch.Tensor]) -> dict:
 
 
 def from_timm(
-    path_or_state: str | Path | dict[str, torch.Tensor],
+    path_or_state: str | Path | dict[str, torch.Tensor] | torch.nn.Module,
     heads: int | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> ViT:
-    """A vitkit model with a timm checkpoint's weights and architecture."""
+    """A vitkit model with a timm checkpoint's weights and architecture: a weights file, a
+    state dict or a timm model.
+
+    The eval crop (`crop_pct`) is timm's `pretrained_cfg`'s: a timm model's own, or for a
+    file, that of the timm `config.json` beside it (as a Hub repository holds them); 1.0
+    without one.
+    """
+    if isinstance(path_or_state, torch.nn.Module):
+        pretrained = getattr(path_or_state, "pretrained_cfg", None)
+        crop_pct = crop_pct_from_timm(pretrained) if isinstance(pretrained, dict) else None
+        return _build(path_or_state.state_dict(), heads, mean, std, crop_pct)
     if isinstance(path_or_state, dict):
         return _build(path_or_state, heads, mean, std)
-    with reading(path_or_state):
-        return _build(read_state_dict(path_or_state), heads, mean, std)
+    path = Path(path_or_state)
+    crop_pct = _hub_crop_pct(path.parent / "config.json")
+    with reading(path):
+        return _build(read_state_dict(path), heads, mean, std, crop_pct)
+
+
+def crop_pct_from_timm(pretrained_cfg: dict[str, Any]) -> float:
+    """The eval crop of timm's `pretrained_cfg`: its crop_pct (timm's default where it has
+    none), or 1.0 where it crops other than from the centre ("squash", "border")."""
+    if (pretrained_cfg.get("crop_mode") or "center") != "center":
+        return 1.0
+    crop_pct = pretrained_cfg.get("crop_pct") or TIMM_DEFAULT_CROP_PCT
+    if not is_instance(crop_pct, float) or not 0 < crop_pct <= 1:
+        raise CheckpointError(
+            f"pretrained_cfg crop_pct must be a number in (0, 1], got {brief(crop_pct)}"
+        )
+    return crop_pct
+
+
+def _hub_crop_pct(path: Path) -> float | None:
+    """The eval crop of the timm Hub `config.json` at `path`, or None where there is none."""
+    if not path.is_file():
+        return None
+    with reading(path):
+        data = read_json(path)
+        pretrained = data.get("pretrained_cfg") if isinstance(data, dict) else None
+        return crop_pct_from_timm(pretrained) if isinstance(pretrained, dict) else None
 
 
 def _build(
@@ -139,10 +177,13 @@ def _build(
     heads: int | None,
     mean: tuple[float, ...] | None,
     std: tuple[float, ...] | None,
+    crop_pct: float | None = None,
 ) -> ViT:
     config = config_from_timm(state, heads)
     if mean is not None and std is not None:
         config = config.replace(mean=tuple(mean), std=tuple(std))
+    if crop_pct is not None:
+        config = config.replace(crop_pct=crop_pct)
     # The config is read off a few tensors: every other one must fit it before it is built.
     problems = shape_problems({k: v.shape for k, v in state.items()}, state_shapes(config))
     if problems:
