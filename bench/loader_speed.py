@@ -5,9 +5,10 @@ training augmentation.
     python bench/loader_speed.py --images 2000 --workers 2 --batch 64 --epochs 3
 
 vitkit: `ImageStream` cuts a random resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic) from
-each full-resolution file in its worker processes (uint8), then the main process runs the
-batched `TrainTransform` (flip, RandAugment 2 ops at magnitude 9, ImageNet normalisation), as
-`vitkit train` feeds a streamed run. timm: `timm.data.create_loader` over `ImageDataset` with
+each full-resolution file in its worker processes, flips it and applies RandAugment (2 ops at
+magnitude 9) to the 8-bit image there (`SampleAugment`), then the main process runs
+`TrainTransform` for what is left (to float, ImageNet normalisation), as `vitkit train` feeds
+a streamed run. timm: `timm.data.create_loader` over `ImageDataset` with
 the same crop and filter, flip 0.5, `rand-m9-mstd0.5` and the same normalisation, everything per
 image in its workers (`use_prefetcher=False`: ToTensor and Normalize in the workers), and also
 with its prefetcher on the CPU (`use_prefetcher=True, device=cpu`: uint8 from the workers,
@@ -38,6 +39,8 @@ beside them timm's per-image steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import random
 import statistics
@@ -57,6 +60,7 @@ from PIL import Image, ImageDraw, ImageFilter, features
 
 from vitkit.benchmark import import_timm
 from vitkit.data.preprocess import load_image, normalize, to_float
+from vitkit.data.sample_augment import SampleAugment
 from vitkit.data.stream import FolderSource, ImageStream, RandomResizedCrop, default_workers
 from vitkit.data.transforms import (
     RANDAUGMENT_OPS,
@@ -84,6 +88,9 @@ AUGMENT = AugmentConfig(
     randaugment_ops=2,
     randaugment_magnitude=9.0,
 )
+# What the stream's workers do per image, and what is left for the batch in the main process.
+STREAM_AUGMENT = SampleAugment(hflip=True, randaugment_ops=2, randaugment_magnitude=9.0)
+MAIN_AUGMENT = dataclasses.replace(AUGMENT, hflip=False, randaugment_ops=0)
 LOADERS = ("vitkit", "timm", "timm-prefetcher")
 
 
@@ -138,12 +145,12 @@ PassFn = Callable[[int], tuple[Iterator[Any], Callable[[Any, int, int], Any]]]
 
 def vitkit_loader(folder: Path, workers: int, batch: int) -> tuple[PassFn, int]:
     """vitkit's streamed training input, as `vitkit train` reads a streamed run: the stream's
-    uint8 crops, then `TrainTransform` in the main process with each step's own generator."""
+    uint8 crops, flipped and augmented in its workers, then `TrainTransform` in the main
+    process with each step's own generator."""
     source = FolderSource.open(folder)
-    stream = ImageStream(
-        source, SIZE, 3, crop=RandomResizedCrop(SCALE, RATIO), seed=0, workers=workers
-    )
-    transform = TrainTransform(AUGMENT, MEAN, STD, len(source.classes))
+    crop = RandomResizedCrop(SCALE, RATIO)
+    stream = ImageStream(source, SIZE, 3, crop, seed=0, workers=workers, augment=STREAM_AUGMENT)
+    transform = TrainTransform(MAIN_AUGMENT, MEAN, STD, len(source.classes))
 
     def finish(item: tuple[torch.Tensor, torch.Tensor], epoch: int, step: int) -> torch.Tensor:
         images, labels = item
@@ -283,7 +290,11 @@ def profile_workers(files: list[Path], timm_transform: Any) -> tuple[dict, dict,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     crop = RandomResizedCrop(SCALE, RATIO)
-    ours: dict[str, list[float]] = {"decode, full size": [], "load_image (decode + crop)": []}
+    ours: dict[str, list[float]] = {
+        "decode, full size": [],
+        "load_image (decode + crop)": [],
+        "  + flip and RandAugment (all in the worker)": [],
+    }
     theirs: dict[str, list[float]] = {"decode, full size": []}
     crops = []
     try:
@@ -295,6 +306,11 @@ def profile_workers(files: list[Path], timm_transform: Any) -> tuple[dict, dict,
             clock = _clock()
             crops.append(load_image(path, 3, SIZE, crop=crop.box(random.Random(i))))
             ours["load_image (decode + crop)"].append(clock())
+            clock = _clock()
+            rng = random.Random(i)
+            augment = functools.partial(STREAM_AUGMENT, rng=rng)
+            load_image(path, 3, SIZE, crop=crop.box(rng), augment=augment)
+            ours["  + flip and RandAugment (all in the worker)"].append(clock())
             # timm's ImageDataset: the file opened and converted to RGB, then the transforms.
             clock = _clock()
             with open(path, "rb") as f:
@@ -310,8 +326,10 @@ def profile_workers(files: list[Path], timm_transform: Any) -> tuple[dict, dict,
 
 
 def profile_transform(images: torch.Tensor, repeats: int = 3) -> dict[str, float]:
-    """Median seconds per batch of vitkit's main-process transform, of its steps, and of each
-    RandAugment op applied to the whole batch."""
+    """Median seconds per batch of vitkit's main-process transform for a streamed run, and for
+    comparison of the batched flip and RandAugment that in-memory data goes through (its
+    steps, and each RandAugment op applied to the whole batch)."""
+    streamed = TrainTransform(MAIN_AUGMENT, MEAN, STD, CLASSES)
     transform = TrainTransform(AUGMENT, MEAN, STD, CLASSES)
     labels = torch.zeros(len(images), dtype=torch.int64)
     times: dict[str, list[float]] = {}
@@ -324,7 +342,11 @@ def profile_transform(images: torch.Tensor, repeats: int = 3) -> dict[str, float
 
     ops, magnitude = AUGMENT.randaugment_ops, AUGMENT.randaugment_magnitude
     for r in range(repeats):
-        timed("TrainTransform (all)", transform, images, labels, torch.Generator().manual_seed(r))
+        gen = torch.Generator().manual_seed(r)
+        timed("TrainTransform, streamed (all)", streamed, images, labels, gen)
+    for r in range(repeats):
+        gen = torch.Generator().manual_seed(r)
+        timed("batched flip + RandAugment (in memory)", transform, images, labels, gen)
         gen = torch.Generator().manual_seed(r)
         x = timed("  uint8 -> float", to_float, images)
         x = timed("  flip", random_hflip, x, gen)
@@ -444,7 +466,8 @@ def main() -> None:
     print("vitkit's workers, per image (1 thread):")
     for name, ts in ours_steps.items():
         print(f"  {name:36} {1000 * statistics.median(ts):7.2f} ms")
-    beyond = [b - a for a, b in zip(*ours_steps.values(), strict=True)]
+    decode, crop = ours_steps["decode, full size"], ours_steps["load_image (decode + crop)"]
+    beyond = [b - a for a, b in zip(decode, crop, strict=True)]
     print(f"  {'  of which beyond decoding':36} {1000 * statistics.median(beyond):7.2f} ms")
     threads = torch.get_num_threads()
     print(f"vitkit's main process, per batch of {m} ({threads} threads):")

@@ -19,6 +19,8 @@ from vitkit.cli import main
 from vitkit.data import ImageStream, RandomResizedCrop, load_image, stream_source
 from vitkit.data import stream as stream_module
 from vitkit.data.preprocess import centre_square
+from vitkit.data.sample_augment import OPS, SampleAugment
+from vitkit.data.transforms import RANDAUGMENT_OPS
 from vitkit.train import TrainConfig, train
 from vitkit.train import loop as loop_module
 from vitkit.train.distributed import World
@@ -64,8 +66,9 @@ def epoch_batches(stream: ImageStream, epoch: int = 0, size: int = 8, start: int
 
 def test_batches_are_the_same_for_any_number_of_workers(folder):
     crop = RandomResizedCrop((0.2, 1.0))
+    augment = SampleAugment(hflip=True, randaugment_ops=2, randaugment_magnitude=9)
     runs = [
-        epoch_batches(stream_source(folder, "train", 32, 3, crop=crop, workers=w))
+        epoch_batches(stream_source(folder, "train", 32, 3, crop=crop, workers=w, augment=augment))
         for w in (0, 1, 2)
     ]
     assert len(runs[0]) == len(stream_source(folder, "train", 32, 3)) // 8 > 1
@@ -73,7 +76,7 @@ def test_batches_are_the_same_for_any_number_of_workers(folder):
         for (a, la), (b, lb) in zip(runs[0], other, strict=True):
             assert torch.equal(a, b) and torch.equal(la, lb)
     # Another epoch crops (and orders) differently; a resumed epoch reads the same batches.
-    stream = stream_source(folder, "train", 32, 3, crop=crop, workers=0)
+    stream = stream_source(folder, "train", 32, 3, crop=crop, workers=0, augment=augment)
     assert not torch.equal(epoch_batches(stream, 1)[0][0], runs[0][0][0])
     later = epoch_batches(stream, 0, start=2)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(later, runs[0][2:], strict=True))
@@ -229,3 +232,31 @@ def test_eval_streams_a_large_folder_with_the_same_scores(folder, tmp_path, monk
     streamed = json.loads(captured.out)
     assert streamed["num_images"] == in_memory["num_images"] > 0
     assert streamed["confusion"] == in_memory["confusion"]
+
+
+def test_a_crop_is_drawn_once_though_asked_for_twice(tmp_path):
+    """load_image asks for the box to pick the JPEG's reduced scale and again to resize: both
+    must be the same draw, or the scale would be chosen for another box."""
+    photo("square", 1, (900, 700)).save(tmp_path / "p.jpg", quality=90)
+    crop = RandomResizedCrop((0.6, 1.0))
+    used, drawn = random.Random(5), random.Random(5)
+    load_image(tmp_path / "p.jpg", 3, 64, crop=crop.box(used))
+    crop.box(drawn)(900, 700)
+    assert used.getstate() == drawn.getstate()
+
+
+@pytest.mark.parametrize("k", range(len(OPS)))
+def test_per_image_ops_match_the_batched_ones(k):
+    """Each RandAugment op on an 8-bit image in a worker does what the batched float op does,
+    up to rounding and the interpolation at the borders."""
+    img = photo(CLASSES[k % 3], k, (48, 48))
+    pixels = np.clip(np.asarray(img, dtype=np.int16) * 0.6 + 40, 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels)  # levels 40..193: autocontrast and solarize have work to do
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    for v in (0.9, -0.6):
+        got = torch.from_numpy(np.array(OPS[k](img, v))).permute(2, 0, 1)[None].float() / 255
+        want = RANDAUGMENT_OPS[k](x.clone(), torch.tensor([v]))
+        differ = (got - want).abs().mean().item()
+        assert differ < 0.01, (OPS[k].__name__, v)  # measured: at most 0.006 (rotation)
+        if k:  # not the identity: the op changes the image far more than the two differ
+            assert (got - x).abs().mean() > max(0.005, 4 * differ), (OPS[k].__name__, v)

@@ -13,6 +13,7 @@ from vitkit.data.digits import load_digits
 from vitkit.data.folder import load_image_folder
 from vitkit.data.idx import KNOWN, is_idx_dir, load_idx, load_idx_dir
 from vitkit.data.preprocess import resize, to_float
+from vitkit.data.sample_augment import SampleAugment
 from vitkit.data.sources import folder_layout, open_source, source_kind
 from vitkit.data.stream import ImageStream, RandomResizedCrop, decode_all
 
@@ -89,13 +90,16 @@ def stream_source(
     crop_seed: int = 0,
     workers: int | None = None,
     crop_pct: float = 1.0,
+    augment: SampleAugment | None = None,
 ) -> ImageStream:
     """A split of an image folder, manifest, shard set or HF dataset (split by `val_fraction`
     and `seed` as `load_dataset` splits), streamed: listed now, decoded batch by batch (see
-    `vitkit.data.stream`); `crop_seed` seeds the random crops, without which each image is
-    its centre crop of `crop_pct`."""
+    `vitkit.data.stream`); `crop_seed` seeds the random crops and `augment`, without which
+    each image is its centre crop of `crop_pct`."""
     source = open_source(spec, split, val_fraction=val_fraction, seed=seed)
-    return ImageStream(source, image_size, channels, crop, crop_seed, workers, crop_pct)
+    return ImageStream(
+        source, image_size, channels, crop, crop_seed, workers, crop_pct, augment=augment
+    )
 
 
 def _conform(ds: ImageDataset, image_size: int | None, channels: int | None) -> ImageDataset:

@@ -149,6 +149,7 @@ def load_image(
     *,
     max_pixels: int | None = None,
     crop: Crop = centre_square,
+    augment: Callable[[Image.Image], Image.Image] | None = None,
 ) -> torch.Tensor:
     """One image as uint8 (channels, image_size, image_size), decoded by the module's rules.
 
@@ -158,7 +159,8 @@ def load_image(
     is read as a file's bytes would be (e.g. a member of a tar shard). An image over
     `max_pixels` (see `check_pixels`) is refused before it is decoded: with `ImageTooLarge` for
     a PIL image, `UnreadableImage` for a file. By default a file's limit is Pillow's own (twice
-    `Image.MAX_IMAGE_PIXELS`), a PIL image's none.
+    `Image.MAX_IMAGE_PIXELS`), a PIL image's none. `augment`, if given, changes the decoded
+    image at image_size before it becomes a tensor (training's per-image augmentations).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -168,7 +170,8 @@ def load_image(
     if isinstance(source, Image.Image):
         if max_pixels is not None:
             check_pixels(source, max_pixels)
-        return _to_tensor(_decode(source, channels, image_size, resample, crop))
+        decoded = _decode(source, channels, image_size, resample, crop)
+        return _to_tensor(augment(decoded) if augment else decoded)
     path = Path(getattr(source, "name", "<bytes>")) if hasattr(source, "read") else Path(source)
     if max_pixels is None and Image.MAX_IMAGE_PIXELS:
         max_pixels = 2 * int(Image.MAX_IMAGE_PIXELS)  # where Image.open raises its bomb error
@@ -186,13 +189,14 @@ def load_image(
             need = need[::-1] if turned else need
             fw, fh = img.size
             img.draft(None, (min(math.ceil(need[0]), fw), min(math.ceil(need[1]), fh)))
-            return _to_tensor(_decode(img, channels, image_size, resample, crop))
+            decoded = _decode(img, channels, image_size, resample, crop)
     except UnidentifiedImageError:
         formats = ", ".join(IMAGE_FORMATS)
         raise UnreadableImage(path, f"not an image in a format read here ({formats})") from None
     # Pillow's decoders raise many exception types on broken input; all mean "unreadable".
     except Exception as e:
         raise UnreadableImage(path, str(e) or type(e).__name__) from None
+    return _to_tensor(augment(decoded) if augment else decoded)
 
 
 def check_pixels(img: Image.Image, max_pixels: int) -> None:

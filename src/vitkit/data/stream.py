@@ -15,6 +15,7 @@ and `should_stream` decide.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from vitkit.data.dataset import DatasetError, ImageDataset, split_indices
 from vitkit.data.folder import PROGRESS_MIN_FILES, find_classes, list_images, printable
 from vitkit.data.preprocess import Crop, UnreadableImage, centre_crop, load_image
+from vitkit.data.sample_augment import SampleAugment
 
 # An unreadable file: (its name, why).
 Bad = tuple[str, str]
@@ -133,7 +135,16 @@ class RandomResizedCrop:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def box(self, rng: random.Random) -> Crop:
+        """A box drawn from `rng` on its first use and the same on every later one:
+        `load_image` asks for it twice (the JPEG's reduced scale, then the resize)."""
+        drawn: list[tuple[float, float, float, float]] = []
+
         def crop(w: int, h: int) -> tuple[float, float, float, float]:
+            if not drawn:
+                drawn.append(draw(w, h))
+            return drawn[0]
+
+        def draw(w: int, h: int) -> tuple[float, float, float, float]:
             area = w * h
             log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
             for _ in range(10):
@@ -162,9 +173,11 @@ class _Decoded(Dataset):
         seed: int,
         crop_pct: float = 1.0,
         replace: bool = True,
+        augment: SampleAugment | None = None,
     ) -> None:
         self.source, self.image_size, self.channels = source, image_size, channels
         self.crop, self.seed, self.crop_pct, self.replace = crop, seed, crop_pct, replace
+        self.augment = augment or None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -178,8 +191,15 @@ class _Decoded(Dataset):
             # A string seed: Python hashes it with sha512, the same in every process.
             rng = random.Random(f"{self.seed}:{epoch}:{i}")
             crop = self.crop.box(rng) if self.crop else centre_crop(self.crop_pct)
+            augment = functools.partial(self.augment, rng=rng) if self.augment else None
             try:
-                image = load_image(self.source.read(i), self.channels, self.image_size, crop=crop)
+                image = load_image(
+                    self.source.read(i),
+                    self.channels,
+                    self.image_size,
+                    crop=crop,
+                    augment=augment,
+                )
             except UnreadableImage as e:
                 bad.append((e.path, e.reason))
                 continue
@@ -211,7 +231,8 @@ def _one_thread(_: int) -> None:
 
 class ImageStream:
     """Batches of uint8 images decoded from a `Source` in `workers` processes: random crops
-    (`crop`, seeded by `seed`), or the centre crop of `crop_pct` (see `centre_crop`)."""
+    (`crop`) then per-image flips and RandAugment (`augment`), all seeded by `seed`; or the
+    centre crop of `crop_pct` (see `centre_crop`)."""
 
     def __init__(
         self,
@@ -222,12 +243,16 @@ class ImageStream:
         seed: int = 0,
         workers: int | None = None,
         crop_pct: float = 1.0,
+        augment: SampleAugment | None = None,
     ) -> None:
         self.source, self.classes, self.name = source, source.classes, source.name
         self.labels = torch.tensor(source.labels, dtype=torch.int64)
         self.image_size, self.channels, self.crop_pct = image_size, channels, crop_pct
         self.workers = default_workers() if workers is None else workers
-        self._data = _Decoded(source, image_size, channels, crop, seed, crop_pct)
+        self.augment = augment or None
+        self._data = _Decoded(
+            source, image_size, channels, crop, seed, crop_pct, augment=self.augment
+        )
         self.skipped: dict[str, None] = {}  # in the order met, each once
 
     def __len__(self) -> int:

@@ -187,8 +187,12 @@ def _start(
         # Each process reads only its slice of a batch: its micro-batches index into that.
         first = parts[0][1].start
         parts = [(j, slice(s.start - first, s.stop - first), w) for j, s, w in parts]
-        # The stream crops each image from its file; the batch transforms do the rest.
-        augment = dataclasses.replace(augment, random_resized_crop=False)
+        # The stream crops each image from its file, flips it and applies RandAugment (see
+        # `ImageStream.augment`); the batch transforms do the rest.
+        done = {"random_resized_crop": False}
+        if stream.augment:
+            done |= {"hflip": False, "randaugment_ops": 0}
+        augment = dataclasses.replace(augment, **done)
     run = Run(
         cfg=cfg,
         run_dir=run_dir,

@@ -18,6 +18,7 @@ from vitkit.data import (
     dataset_stats,
     load_dataset,
 )
+from vitkit.data.sample_augment import SampleAugment
 from vitkit.data.sources import open_source, source_kind
 from vitkit.data.stream import decode_all, stream_choice
 from vitkit.model.factory import create_model
@@ -94,8 +95,10 @@ def load_splits(
         )
     aug = cfg.augment
     crop = RandomResizedCrop(aug.crop_scale, aug.crop_ratio) if aug.random_resized_crop else None
+    # Per image in the decoding workers, on 8-bit images: cheaper than batched float ops.
+    augment = SampleAugment(aug.hflip, aug.randaugment_ops, aug.randaugment_magnitude)
     return (
-        ImageStream(train, size, chans, crop, cfg.seed, cfg.workers),
+        ImageStream(train, size, chans, crop, cfg.seed, cfg.workers, augment=augment),
         ImageStream(val, size, chans, workers=cfg.workers, crop_pct=crop_pct),
     )
 
