@@ -39,6 +39,17 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def release_freed_memory() -> bool:
+    """Hand the memory glibc's malloc keeps for reuse (see `reuse_freed_memory`) back to the
+    OS now: between phases whose tensors differ (training steps, then an evaluation), so that
+    the next phase's peak is not added on top of the last one's leftovers. Returns whether it
+    applied (glibc only)."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (AttributeError, OSError):
+        return False
+
+
 @functools.cache
 def _cpuinfo(field: str) -> str | None:
     """The first value of `field` in /proc/cpuinfo (Linux), or None."""

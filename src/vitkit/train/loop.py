@@ -40,7 +40,7 @@ from vitkit.evaluate import evaluate
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
 from vitkit.rundir import BEST_DIR, METRICS_FILE, SKIPPED_FILE, TRAIN_CONFIG_FILE
-from vitkit.runtime import reuse_freed_memory
+from vitkit.runtime import release_freed_memory, reuse_freed_memory
 from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
@@ -423,6 +423,7 @@ def _end_epoch(run: Run) -> None:
         if run.stream is not None and run.stream.skipped:
             _report_skipped(run.run_dir, run.stream.skipped, run.progress)
         with _weights(model, ema):
+            release_freed_memory()  # the steps' activations, kept for the next step
             with run.autocast:
                 report = evaluate(model, run.val_ds, progress=False)
             save_model(model, run.run_dir)
