@@ -13,6 +13,7 @@ trainer and its decoding workers: their PSS summed, sampled every 0.1 s) are pri
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -24,12 +25,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# Distinct photos written; larger folders repeat them (see `write_photos`).
+UNIQUE = 30_000
+
 
 def write_photos(root: Path, count: int) -> Path:
-    """`count` 500x375 JPEGs in 10 class folders (kept between runs)."""
+    """`count` 500x375 JPEGs in 10 class folders (kept between runs). Beyond `UNIQUE` photos,
+    the files are hard links to the first ones, cycling: what is measured is listing,
+    streaming and memory, which do not depend on the pixels; and the disk holds only those."""
     folder = root / f"photos-{count}"
     done = folder / ".complete"
     if done.exists():
+        return folder
+    if count > UNIQUE:
+        first = write_photos(root, UNIQUE)
+        for i in range(count):
+            name = f"class{i % 10}/{i:06d}.jpg"
+            (folder / f"class{i % 10}").mkdir(parents=True, exist_ok=True)
+            if not (folder / name).exists():
+                os.link(first / f"class{i % 10}/{i % UNIQUE:06d}.jpg", folder / name)
+        done.touch()
         return folder
     rng = np.random.default_rng(0)
     # A few base pictures, shifted and noised per file: real JPEG sizes, quick to write.
