@@ -180,10 +180,10 @@ def test_pickle_payload_refused_and_not_run(tmp_path, monkeypatch):
 def test_bad_checkpoints_named(timm, tmp_path):
     from safetensors.torch import save_file
 
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, init_values=1e-5)
-    save_file(ref.state_dict(), tmp_path / "ls.safetensors")
-    with pytest.raises(CheckpointError, match="unsupported tensors .*ls1.gamma"):
-        from_timm(tmp_path / "ls.safetensors")
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True)
+    save_file(ref.state_dict(), tmp_path / "qk.safetensors")
+    with pytest.raises(CheckpointError, match=r"qk_norm\): unsupported tensors .*q_norm"):
+        from_timm(tmp_path / "qk.safetensors")
     plain = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     save_file(plain.state_dict(), tmp_path / "ok.safetensors")
     data = (tmp_path / "ok.safetensors").read_bytes()

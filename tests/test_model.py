@@ -38,7 +38,8 @@ def test_paper_parameter_counts_of_built_models(name):
 
 
 # Building and running these takes seconds each: in the full suite only.
-_LARGE = ("B/16", "B/32", "R50+B/16", "R50+B/16@384")
+_LARGE = ("B/16", "B/32", "R50+B/16", "R50+B/16@384", "DeiT-B/16-distilled", "CLIP-B/16")
+_LARGE += ("DINOv2-S/14", "DINOv2-S/14-reg4")  # 518 px: 1,369 patches
 
 
 @pytest.mark.parametrize(
@@ -55,7 +56,7 @@ def test_output_shapes_every_preset(name):
     x = torch.randn(2, c.in_channels, c.image_size, c.image_size)
     with torch.no_grad():
         tokens = model.forward_features(x)
-        assert tokens.shape == (2, c.num_patches + 1, c.width)
+        assert tokens.shape == (2, c.num_patches + c.num_prefix_tokens, c.width)
         assert model.forward_head(tokens, pre_logits=True).shape == (2, c.width)
         assert model(x).shape == (2, 7)
 

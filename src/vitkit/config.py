@@ -33,10 +33,25 @@ class ViTConfig:
     # timm's average-pooled models normalise after pooling ("fc_norm") instead of before.
     fc_norm: bool = False
     class_token: bool = True
+    # DeiT's distillation token: a second prefix token after [CLS], read by a head of its own
+    # (`head_dist`); the two heads' logits are averaged.
+    distilled: bool = False
+    # Registers (Darcet et al., 2024; DINOv2 reg4): prefix tokens that no head reads, spare
+    # room for the global information ViTs otherwise store in background patches.
     num_registers: int = 0
-    # The paper gives [CLS] a position embedding of its own; register models (timm's *_reg*)
-    # add position embeddings to patch tokens only.
+    # The paper gives [CLS] (DeiT: the distillation token too) a position embedding of its
+    # own; DeiT-III and register models (timm's no_embed_class) add position embeddings to
+    # patch tokens only. Registers never have one.
     cls_pos_embed: bool = True
+    # Per-channel gains on both residual branches, starting at this value (CaiT, DeiT-III,
+    # DINOv2): a deep block starts close to the identity. None: no gains.
+    layer_scale_init: float | None = None
+    # A LayerNorm on the tokens before the first block (CLIP's ln_pre); as in CLIP, the patch
+    # projection then has no bias.
+    norm_pre: bool = False
+    # The MLP's nonlinearity: exact GELU (the paper), its tanh approximation, or OpenAI CLIP's
+    # QuickGELU, x * sigmoid(1.702 x).
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
     # Preprocessing travels with the weights, so prediction normalises as training did.
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -99,6 +114,10 @@ class ViTConfig:
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True; use pool='mean' without one")
+        if self.distilled and self.pool != "cls":
+            raise ValueError(
+                "distilled=True reads [CLS] and the distillation token: it needs pool='cls'"
+            )
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError(f"mean and std need one value per input channel ({self.in_channels})")
         if any(s <= 0 for s in self.std):
@@ -139,11 +158,13 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + self.num_registers
+        """Tokens before the patches: [CLS], the distillation token, registers."""
+        return int(self.class_token) + int(self.distilled) + self.num_registers
 
     @property
     def num_pos_embeds(self) -> int:
-        return self.num_patches + int(self.class_token and self.cls_pos_embed)
+        positioned = int(self.class_token) + int(self.distilled) if self.cls_pos_embed else 0
+        return self.num_patches + positioned
 
     @property
     def mlp_dim(self) -> int:
@@ -229,8 +250,10 @@ def _check_floats(cfg: ViTConfig) -> None:
     """NaN and infinity parse from JSON; none of them, nor a float-overflowing int, is a
     setting. Ranges that the fields' meaning fixes are checked here too."""
     floats = ("mlp_ratio", "ln_eps", "dropout", "attn_dropout", "drop_path", "crop_pct")
-    for name in (*floats, "mean", "std"):
+    for name in (*floats, "mean", "std", "layer_scale_init"):
         value = getattr(cfg, name)
+        if value is None:  # layer_scale_init: no gains
+            continue
         if not all(_finite(v) for v in (value if isinstance(value, tuple) else (value,))):
             raise ValueError(f"ViTConfig.{name} must be finite, got {brief(value)}")
     if not 0 < cfg.mlp_ratio <= MAX_MLP_RATIO:
@@ -241,6 +264,11 @@ def _check_floats(cfg: ViTConfig) -> None:
         raise ValueError(f"ViTConfig.ln_eps must be in (0, 1], got {brief(cfg.ln_eps)}")
     if not 0 < cfg.crop_pct <= 1:
         raise ValueError(f"ViTConfig.crop_pct must be in (0, 1], got {brief(cfg.crop_pct)}")
+    if cfg.layer_scale_init is not None and not 0 < cfg.layer_scale_init <= 1:
+        raise ValueError(
+            "ViTConfig.layer_scale_init must be None or in (0, 1], "
+            f"got {brief(cfg.layer_scale_init)}"
+        )
 
 
 def brief(value: Any) -> str:
@@ -348,6 +376,33 @@ PRESETS: dict[str, ViTConfig] = {
 _SMALL_RESNET = {"resnet_layers": (2,), "resnet_width": 64, "patch_size": 1}
 PRESETS["R+Ti/4@28"] = PRESETS["Ti/4@28"].replace(**_SMALL_RESNET)
 PRESETS["R+Ti/4@32"] = PRESETS["Ti/4@32"].replace(**_SMALL_RESNET)
+
+# The ViTs people start from, each as timm builds it (the same parameter count, see
+# tests/test_families.py) with the normalisation its weights expect; `from_timm` brings the
+# weights and their evaluation crop.
+_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+_OPENAI_CLIP = {
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+}
+_DINOV2 = {"image_size": 518, "num_classes": 0, "layer_scale_init": 1e-5, **_IMAGENET}
+PRESETS |= {
+    # DeiT (Touvron et al., 2021): the paper's ViT, trained on ImageNet-1k alone; the
+    # distilled one also learns from a CNN teacher through a token of its own.
+    "DeiT-S/16": _paper("S", 16).replace(**_IMAGENET),
+    "DeiT-B/16-distilled": _paper("B", 16).replace(distilled=True, **_IMAGENET),
+    # DeiT III (Touvron et al., 2022): layer scale, position embeddings for patches only.
+    "DeiT3-S/16": _paper("S", 16).replace(layer_scale_init=1e-6, cls_pos_embed=False, **_IMAGENET),
+    # DINOv2 (Oquab et al., 2024): self-supervised features, no head, 518 px (37 x 37 patches);
+    # with registers, the position embeddings cover the patches only.
+    "DINOv2-S/14": _paper("S", 14).replace(**_DINOV2),
+    "DINOv2-S/14-reg4": _paper("S", 14).replace(num_registers=4, cls_pos_embed=False, **_DINOV2),
+    # CLIP's image tower (Radford et al., 2021; OpenAI's ViT-B/16): LayerNorm before the
+    # blocks, eps 1e-5, QuickGELU, and the projection into the 512-d joint space as its head.
+    "CLIP-B/16": _paper("B", 16).replace(
+        norm_pre=True, ln_eps=1e-5, act="quick_gelu", num_classes=512, **_OPENAI_CLIP
+    ),
+}
 
 
 def get_preset(name: str) -> ViTConfig:

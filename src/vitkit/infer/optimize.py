@@ -196,7 +196,7 @@ def quantized_graph(model: ViT, calibration: torch.Tensor) -> nn.Module:
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     # The first and last layers are small and the most sensitive to rounding.
-    for name in ("patch_embed", "head"):
+    for name in ("patch_embed", "head", "head_dist"):
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():

@@ -68,11 +68,26 @@ def explicit_attention(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and q.device.type == "cpu"
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's cheap approximation of GELU, which its weights
+    were trained with (exact GELU shifts their outputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP's nonlinearity named by `ViTConfig.act`."""
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+    def __init__(self, width: int, hidden: int, dropout: float, act: str) -> None:
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = activation(act)
         self.fc2 = nn.Linear(hidden, width)
         self.drop = nn.Dropout(dropout)
 
@@ -98,11 +113,25 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+class LayerScale(nn.Module):
+    """Per-channel gains on a residual branch (CaiT, DeiT-III, DINOv2). Started small, they
+    keep a deep block close to the identity early in training."""
+
+    def __init__(self, width: int, init: float) -> None:
+        super().__init__()
+        self.init = init
+        self.gamma = nn.Parameter(torch.full((width,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """x + Attn(LN(x)), then x + MLP(LN(x)): the pre-norm block of the paper (eq. 2-3).
 
     Its sizes and dropout rates are the config's; `drop_path` is this block's own rate
-    (stochastic depth grows with depth, see `ViT`).
+    (stochastic depth grows with depth, see `ViT`). With `layer_scale_init`, each branch is
+    scaled by learnt per-channel gains (`ls1`, `ls2`) before it joins the residual stream.
     """
 
     def __init__(self, config: ViTConfig, drop_path: float) -> None:
@@ -113,13 +142,16 @@ class Block(nn.Module):
             c.width, c.heads, qkv_bias=c.qkv_bias, dropout=c.dropout, attn_dropout=c.attn_dropout
         )
         self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
-        self.mlp = Mlp(c.width, c.mlp_dim, c.dropout)
+        self.mlp = Mlp(c.width, c.mlp_dim, c.dropout, c.act)
+        init = c.layer_scale_init
+        self.ls1 = LayerScale(c.width, init) if init is not None else nn.Identity()
+        self.ls2 = LayerScale(c.width, init) if init is not None else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
     def forward(
         self, x: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), need_weights)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(y))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights

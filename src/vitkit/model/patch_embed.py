@@ -28,7 +28,9 @@ class PatchEmbed(nn.Module):
             else None
         )
         p = c.patch_size
-        self.proj = nn.Conv2d(c.cnn_channels, c.width, kernel_size=p, stride=p)
+        # CLIP's projection has no bias (the position embeddings, added to every patch, can
+        # learn one); it comes with CLIP's norm_pre, here as in timm.
+        self.proj = nn.Conv2d(c.cnn_channels, c.width, kernel_size=p, stride=p, bias=not c.norm_pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H/s * W/s, D), tokens in row-major order (s: token stride)."""

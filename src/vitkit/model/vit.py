@@ -3,10 +3,11 @@
 image (B, C, H, W)
   (-> hybrid only: ResNet-v2 feature map         resnet.py)
   -> patch embedding            (B, N, D)       patch_embed.py
-  -> + position embeddings, prepend [CLS] (and registers)
+  -> + position embeddings, prepend [CLS] (and DeiT's distillation token, registers)
+     (CLIP: then a LayerNorm)
   -> depth x pre-norm block     (B, T, D)       encoder.py
   -> final LayerNorm -> pool ([CLS] or mean) -> linear head -> logits (B, num_classes)
-     (fc_norm models: pool, then LayerNorm)
+     (fc_norm models: pool, then LayerNorm; distilled: the mean of two heads' logits)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.config import ViTConfig
-from vitkit.model.encoder import Block
+from vitkit.model.encoder import Block, LayerScale
 from vitkit.model.patch_embed import PatchEmbed
 from vitkit.model.resnet import resnet_macs
 
@@ -34,11 +35,13 @@ class ViT(nn.Module):
         c = config
         self.patch_embed = PatchEmbed(c)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.distilled else None
         self.reg_token = (
             nn.Parameter(torch.zeros(1, c.num_registers, c.width)) if c.num_registers else None
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_pos_embeds, c.width))
         self.pos_drop = nn.Dropout(c.dropout)
+        self.norm_pre = nn.LayerNorm(c.width, eps=c.ln_eps) if c.norm_pre else nn.Identity()
         # Stochastic depth grows linearly with depth, as in DeiT / timm.
         # (Computed on the CPU even when the model is built on the meta device, see `state_shapes`.)
         rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()
@@ -46,18 +49,30 @@ class ViT(nn.Module):
         self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(c.width, eps=c.ln_eps)
         self.fc_norm = nn.LayerNorm(c.width, eps=c.ln_eps) if c.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.dropout)
-        self.head = nn.Linear(c.width, c.num_classes) if c.num_classes else nn.Identity()
+        self.head = self._new_head()
+        self.head_dist = self._new_head() if c.distilled else None
         self.grad_checkpointing = False  # see `set_grad_checkpointing`
         # A model on the meta device has no values to initialise (and initialising them would
         # load torch's reference kernels, seconds the first time).
         if self.pos_embed.device.type != "meta":
             self.init_weights()
 
+    def _new_head(self) -> nn.Module:
+        """A zero head, so that training starts from uniform predictions (none: features)."""
+        c = self.config
+        if not c.num_classes:
+            return nn.Identity()
+        head = nn.Linear(c.width, c.num_classes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return head
+
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Truncated normal (std 0.02) for linear layers and position embeddings, LeCun normal
-        for the patch projection, near-zero tokens, and a zero head so that training starts
-        from uniform predictions."""
+        """Truncated normal (std 0.02) for linear layers, position embeddings and the
+        distillation token (as DeiT), LeCun normal for the patch projection, near-zero [CLS]
+        and registers, layer-scale gains at their initial value, and zero heads so that
+        training starts from uniform predictions."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -66,17 +81,23 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, LayerScale):
+                nn.init.constant_(m.gamma, m.init)
         proj = self.patch_embed.proj
         fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
         nn.init.trunc_normal_(proj.weight, std=math.sqrt(1.0 / fan_in))
-        nn.init.zeros_(proj.bias)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for head in (self.head, self.head_dist):
+            if isinstance(head, nn.Linear):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def input_spec(self) -> tuple[torch.device, torch.dtype]:
         """The device and dtype the model's inputs should have: those of its weights."""
@@ -92,7 +113,8 @@ class ViT(nn.Module):
 
     # -- tokens ---------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, T, D): patch tokens with position embeddings, prefix tokens first."""
+        """(B, C, H, W) -> (B, T, D): patch tokens with position embeddings, prefix tokens
+        first: [CLS], the distillation token, registers."""
         stride = self.config.token_stride
         grid = (x.shape[-2] // stride, x.shape[-1] // stride)
         x = self.patch_embed(x)
@@ -100,19 +122,18 @@ class ViT(nn.Module):
         if grid != (self.config.grid_size,) * 2:  # any resolution: resample on the fly
             pos = resample_pos_embed(pos, grid, self.num_pos_prefix)
         x = x + pos[:, self.num_pos_prefix :]
-        prefix = []
-        if self.cls_token is not None:
-            cls = self.cls_token + pos[:, :1] if self.num_pos_prefix else self.cls_token
-            prefix.append(cls.expand(x.shape[0], -1, -1))
+        prefix = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        if self.num_pos_prefix:  # each has the position embedding at its own index
+            prefix = [t + pos[:, i : i + 1] for i, t in enumerate(prefix)]
         if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
+            prefix.append(self.reg_token)
         if prefix:
-            x = torch.cat([*prefix, x], dim=1)
-        return self.pos_drop(x)
+            x = torch.cat([*(t.expand(x.shape[0], -1, -1) for t in prefix), x], dim=1)
+        return self.norm_pre(self.pos_drop(x))
 
     @property
     def num_pos_prefix(self) -> int:
-        """How many prefix tokens have a position embedding (0 or 1)."""
+        """How many prefix tokens have a position embedding (0, 1, or 2 with distillation)."""
         return self.config.num_pos_embeds - self.config.num_patches
 
     # -- forward --------------------------------------------------------------------
@@ -125,7 +146,16 @@ class ViT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, T, D) -> pooled features (B, D) if `pre_logits`, else logits."""
+        """Tokens (B, T, D) -> pooled features (B, D) if `pre_logits`, else logits.
+
+        A distilled model has two heads, on [CLS] and on the distillation token; it returns
+        their mean, in training too (DeiT's inference, and fine-tuning without a teacher).
+        """
+        if self.head_dist is not None:
+            cls, dist = (self.head_drop(self.fc_norm(t)) for t in (x[:, 0], x[:, 1]))
+            if pre_logits:
+                return (cls + dist) / 2
+            return (self.head(cls) + self.head_dist(dist)) / 2
         if self.config.pool == "cls":
             x = x[:, 0]
         else:
@@ -150,12 +180,10 @@ class ViT(nn.Module):
         return self.forward_head(self.norm(x)), maps
 
     def reset_head(self, num_classes: int) -> None:
-        """A new, zero-initialised head for `num_classes` classes (fine-tuning)."""
+        """New, zero-initialised heads for `num_classes` classes (fine-tuning)."""
         self.config = self.config.replace(num_classes=num_classes)
-        self.head = nn.Linear(self.config.width, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        self.head = self._new_head()
+        self.head_dist = self._new_head() if self.config.distilled else None
         self.labels = None
 
     # -- resolution -----------------------------------------------------------------
@@ -172,7 +200,8 @@ class ViT(nn.Module):
 def resample_pos_embed(pos: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
     """Bicubically resample (1, prefix + g*g, D) position embeddings to a `grid` of patches.
 
-    Prefix ([CLS]) embeddings are kept as they are; the identity at the same grid.
+    Prefix ([CLS], distillation token) embeddings are kept as they are; the identity at the
+    same grid.
     """
     prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
     old = math.isqrt(patches.shape[1])
@@ -211,5 +240,5 @@ def flops(config: ViTConfig, image_size: int | None = None) -> int:
     if c.resnet_layers is not None:
         patch += resnet_macs(c.in_channels, c.resnet_layers, c.resnet_width, c.resnet_stem, size)
     per_block = t * (3 * d * d + d * d + 2 * d * m) + 2 * t * t * d  # projections + QK^T, AV
-    head = d * c.num_classes
+    head = d * c.num_classes * (2 if c.distilled else 1)
     return 2 * (patch + c.depth * per_block + head)

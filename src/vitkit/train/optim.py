@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 # Parameters that are never decayed: embeddings and tokens are not weights to shrink.
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token")
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
 
 def param_groups(
@@ -40,7 +40,7 @@ def param_groups(
 
 def _layer_id(name: str, depth: int) -> int:
     """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and head."""
-    if name.startswith(("patch_embed.", "cls_token", "reg_token", "pos_embed")):
+    if name.startswith(("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1

@@ -150,7 +150,7 @@ def model_and_data(
     model.set_grad_checkpointing(cfg.checkpoint_activations)
     if cfg.linear_probe:  # train the head only
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
+            p.requires_grad_(name.startswith(("head.", "head_dist.")))
     return model, train_ds, val_ds
 
 

@@ -222,10 +222,12 @@ def to_hf(model: ViT, directory: str | Path) -> Path:
     """Write a directory that `ViTForImageClassification.from_pretrained` loads."""
     c = model.config
     plain = c.class_token and c.pool == "cls" and c.cls_pos_embed and c.resnet_layers is None
-    if not plain or c.num_registers or c.fc_norm:
+    extras = c.distilled or c.layer_scale_init is not None or c.norm_pre or c.act != "gelu"
+    if not plain or c.num_registers or c.fc_norm or extras:
         raise CheckpointError(
-            "Hugging Face's ViT is a plain ViT with a [CLS]-pooled head: this model "
-            "(mean pooling, registers, fc_norm or a hybrid CNN) cannot be exported to it"
+            "Hugging Face's ViT is a plain ViT with a [CLS]-pooled head: this model (mean "
+            "pooling, registers, fc_norm, a hybrid CNN, a distillation token, layer scale, a "
+            "norm before the encoder or another activation than GELU) cannot be exported to it"
         )
     directory = Path(directory)
     ours = model.state_dict()

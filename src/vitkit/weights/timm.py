@@ -1,43 +1,51 @@
 """timm's VisionTransformer checkpoints <-> vitkit.
 
 vitkit's module names follow timm's, so the name table is the identity; what takes work is
-reading the architecture back from the tensors alone.
+reading the architecture back. The tensors fix most of it; the few settings they leave open
+(head count, LayerNorm eps, activation, preprocessing) come from a timm model's own modules,
+the timm `config.json` beside a weights file, or the architecture's name (`TIMM_FAMILIES`).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vitkit.config import ViTConfig, brief, is_instance, resnet_stride
 from vitkit.model.vit import ViT, state_shapes
 from vitkit.weights.foreign import default_heads, grid_of, read_state_dict
 from vitkit.weights.format import CheckpointError, read_json, reading, shape_problems
 
-# timm names that vitkit has too (per block, {i} is the block index). Anything else in a
-# checkpoint (layer scale, q/k norms, attention pooling...) is an architecture vitkit does
-# not build, and is refused by name.
+# timm names that vitkit has too (per block, {i} is the block index); anything else in a
+# checkpoint is an architecture vitkit does not build, and is refused by name.
 TIMM_NAMES = (
     "cls_token",
+    "dist_token",  # DeiT's distillation token
     "reg_token",
     "pos_embed",
     "patch_embed.proj.weight",
     "patch_embed.proj.bias",
+    "norm_pre.weight",  # CLIP's LayerNorm before the blocks
+    "norm_pre.bias",
     "blocks.{i}.norm1.weight",
     "blocks.{i}.norm1.bias",
     "blocks.{i}.attn.qkv.weight",
     "blocks.{i}.attn.qkv.bias",
     "blocks.{i}.attn.proj.weight",
     "blocks.{i}.attn.proj.bias",
+    "blocks.{i}.ls1.gamma",  # layer scale (DeiT-III, DINOv2)
     "blocks.{i}.norm2.weight",
     "blocks.{i}.norm2.bias",
     "blocks.{i}.mlp.fc1.weight",
     "blocks.{i}.mlp.fc1.bias",
     "blocks.{i}.mlp.fc2.weight",
     "blocks.{i}.mlp.fc2.bias",
+    "blocks.{i}.ls2.gamma",
     "norm.weight",
     "norm.bias",
     # The hybrid's ResNet-v2 ({s}: stage, {i}: block, {n}: 1 to 3).
@@ -54,55 +62,158 @@ TIMM_NAMES = (
     "fc_norm.bias",
     "head.weight",
     "head.bias",
+    "head_dist.weight",  # the distillation token's head
+    "head_dist.bias",
 )
 _PATTERN = re.compile("|".join(re.sub(r"\\\{[isn]\\\}", r"\\d+", re.escape(n)) for n in TIMM_NAMES))
+# Tensors of architectures vitkit does not build, and what they belong to (for the refusal).
+UNSUPPORTED_TENSORS = (
+    (r"\.attn\.[qk]_norm\.", "q/k normalisation (qk_norm)"),
+    (r"^attn_pool\.", "an attention-pooling head (MAP, as in SigLIP)"),
+    (r"\.mlp\.(?:fc1_[gx]|w12|w3)\.", "a SwiGLU MLP"),
+    (
+        r"\.attn\.[qv]_bias$",
+        "q and v biases apart from qkv (BEiT, EVA; EVA-02 also rotates positions)",
+    ),
+    (r"\.attn\.relative_position", "relative position biases (BEiT)"),
+    (r"\.gamma_[12]$", "BEiT's layer scale (gamma_1, gamma_2)"),
+    (r"\.(?:attn|mlp)\.norm\.", "a norm inside attention or the MLP"),
+)
 # What timm's eval transform takes when a pretrained_cfg names no crop_pct.
 TIMM_DEFAULT_CROP_PCT = 0.875
+# Weights with layer scale do not say which value the gains started from; only training from
+# scratch would use it. DINOv2's.
+DEFAULT_LAYER_SCALE_INIT = 1e-5
 
 
-def config_from_timm(state: dict[str, torch.Tensor], heads: int | None = None) -> ViTConfig:
-    """The ViTConfig that `state` (a timm ViT state dict) was made by."""
+@dataclass(frozen=True)
+class TimmFamily:
+    """What a timm architecture's weights leave open, from its registry name: head counts by
+    size, LayerNorm eps, the layer-scale init."""
+
+    pattern: str  # matches the name without its ".tag"; the group "size" keys `heads`
+    heads: dict[str, int] = field(default_factory=dict)
+    ln_eps: float = 1e-6
+    layer_scale_init: float | None = None
+
+
+TIMM_FAMILIES = (
+    TimmFamily(
+        r"deit_(?P<size>[a-z]+)_(?:distilled_)?patch16_\d+", {"tiny": 3, "small": 6, "base": 12}
+    ),
+    TimmFamily(
+        r"deit3_(?P<size>[a-z]+)_patch\d+_\d+",
+        {"small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16},
+        layer_scale_init=1e-6,
+    ),
+    # DINOv2's giant has a SwiGLU MLP, which vitkit does not build.
+    TimmFamily(
+        r"vit_(?P<size>[a-z]+)_patch14_(?:reg4_)?dinov2",
+        {"small": 6, "base": 12, "large": 16},
+        layer_scale_init=1e-5,
+    ),
+    TimmFamily(
+        r"vit_(?P<size>[a-z]+)_patch\d+_clip_(?:quickgelu_)?\d+",
+        {"xsmall": 4, "medium": 8, "betwixt": 10, "base": 12, "large": 16, "huge": 16}
+        | {"giant": 16, "gigantic": 16},  # 1408 and 1664 wide: not 64-wide heads
+        ln_eps=1e-5,
+    ),
+)
+# timm's model classes and layers that vitkit builds, and its activations by class name
+# (nn.GELU's tanh form is read off the module).
+TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+TIMM_LAYERS = {"block": "Block", "attention": "Attention", "MLP": "Mlp"}
+TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
+TIMM_POOLS = {"token": "cls", "avg": "mean"}
+
+
+def config_from_timm(state: dict[str, torch.Tensor], **settings: Any) -> ViTConfig:
+    """The ViTConfig that `state` (a timm ViT state dict) was made by.
+
+    `settings` are ViTConfig fields the tensors leave open (heads, ln_eps, act, pool,
+    layer_scale_init, preprocessing), as a timm model or its config.json state them.
+    """
     unknown = sorted(k for k in state if not _PATTERN.fullmatch(k))
     if unknown:
-        raise CheckpointError(f"not a plain timm ViT: unsupported tensors {', '.join(unknown[:8])}")
+        refuse_tensors(unknown)
     needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
     if not all(k in state for k in needed):
         raise CheckpointError(f"not a timm ViT: it needs {', '.join(needed)}")
     width, cnn_channels, patch, _ = state["patch_embed.proj.weight"].shape
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    fc2 = state.get("blocks.0.mlp.fc2.weight")
+    if fc2 is not None and fc2.ndim == 2 and hidden == 2 * fc2.shape[1]:
+        raise CheckpointError(
+            "not a timm ViT vitkit builds: a SwiGLU MLP (fc1 gives twice fc2's inputs: a gate "
+            "and a value)"
+        )
     resnet = resnet_from_timm(state)
     channels = resnet["in_channels"] if resnet else cnn_channels
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     class_token = "cls_token" in state
+    distilled = "dist_token" in state
     registers = state["reg_token"].shape[1] if "reg_token" in state else 0
-    positions = state["pos_embed"].shape[1]
-    # Position embeddings cover the patches, plus [CLS] unless the model says otherwise.
-    if class_token and grid_of(positions - 1):
-        grid, cls_pos = grid_of(positions - 1), True
-    elif grid_of(positions):
-        grid, cls_pos = grid_of(positions), False
-    else:
-        raise CheckpointError(f"pos_embed of {positions} positions is not a square grid")
+    grid, cls_pos = pos_grid(state["pos_embed"].shape[1], int(class_token) + distilled, registers)
     fc_norm = "fc_norm.weight" in state
     stride = patch * resnet_stride(resnet.get("resnet_layers"), resnet.get("resnet_stem", ""))
-    return ViTConfig(
+    # The tensors decide whether there are gains; a setting only says where they started.
+    layer_scale = settings.pop("layer_scale_init", None) or DEFAULT_LAYER_SCALE_INIT
+    # timm keeps the RGB statistics in the pretrained_cfg of a model built for other inputs.
+    for key in ("mean", "std"):
+        if len(settings.get(key, ())) != channels:
+            settings.pop(key, None)
+    fixed = dict(
         image_size=grid * stride,
         patch_size=patch,
         in_channels=channels,
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
         width=width,
-        depth=depth,
-        heads=heads or default_heads(width),
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
+        depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+        mlp_ratio=hidden / width,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
-        pool="mean" if fc_norm or not class_token else "cls",
         fc_norm=fc_norm,
         class_token=class_token,
+        distilled=distilled,
         num_registers=registers,
         cls_pos_embed=cls_pos,
+        layer_scale_init=layer_scale if "blocks.0.ls1.gamma" in state else None,
+        norm_pre="norm_pre.weight" in state,
+        **{k: v for k, v in resnet.items() if k != "in_channels"},
+    )
+    defaults = dict(
+        heads=default_heads(width),
+        pool="mean" if fc_norm or not class_token else "cls",
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
         interpolation="bicubic",  # the default_cfg of timm's ViTs
-        **{k: v for k, v in resnet.items() if k != "in_channels"},
+    )
+    return ViTConfig(**fixed, **(defaults | settings))
+
+
+def pos_grid(positions: int, positioned: int, registers: int) -> tuple[int, bool]:
+    """(grid side, whether [CLS] and the distillation token have position embeddings) from
+    the number of position embeddings; `positioned`: how many of those tokens there are."""
+    if positioned and grid_of(positions - positioned):
+        return grid_of(positions - positioned), True
+    if grid_of(positions):
+        return grid_of(positions), False
+    if registers and grid_of(positions - positioned - registers):
+        raise CheckpointError(
+            "not a timm ViT vitkit builds: position embeddings for register tokens (timm's "
+            "reg_tokens without no_embed_class)"
+        )
+    raise CheckpointError(f"pos_embed of {positions} positions is not a square grid")
+
+
+def refuse_tensors(unknown: list[str]) -> None:
+    """A CheckpointError naming the architecture `unknown` tensors belong to, where known."""
+    what = [
+        label
+        for pattern, label in UNSUPPORTED_TENSORS
+        if any(re.search(pattern, k) for k in unknown)
+    ]
+    named = "; ".join(what) + ": " if what else ""
+    raise CheckpointError(
+        f"not a timm ViT vitkit builds: {named}unsupported tensors {', '.join(unknown[:8])}"
     )
 
 
@@ -124,29 +235,94 @@ def resnet_from_timm(state: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def from_timm(
-    path_or_state: str | Path | dict[str, torch.Tensor] | torch.nn.Module,
-    heads: int | None = None,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-) -> ViT:
-    """A vitkit model with a timm checkpoint's weights and architecture: a weights file, a
-    state dict or a timm model.
+# -- the settings tensors leave open --------------------------------------------------------
+def family_settings(architecture: str) -> dict[str, Any]:
+    """What a timm architecture's registry name says (`TIMM_FAMILIES`; "_quickgelu_" in the
+    name: QuickGELU); empty for other names."""
+    name = architecture.split(".")[0]
+    settings: dict[str, Any] = {"act": "quick_gelu"} if "_quickgelu_" in name else {}
+    for family in TIMM_FAMILIES:
+        if m := re.fullmatch(family.pattern, name):
+            settings["ln_eps"] = family.ln_eps
+            if m["size"] in family.heads:
+                settings["heads"] = family.heads[m["size"]]
+            if family.layer_scale_init is not None:
+                settings["layer_scale_init"] = family.layer_scale_init
+            break
+    return settings
 
-    The eval crop (`crop_pct`) is timm's `pretrained_cfg`'s: a timm model's own, or for a
-    file, that of the timm `config.json` beside it (as a Hub repository holds them); 1.0
-    without one.
-    """
-    if isinstance(path_or_state, torch.nn.Module):
-        pretrained = getattr(path_or_state, "pretrained_cfg", None)
-        crop_pct = crop_pct_from_timm(pretrained) if isinstance(pretrained, dict) else None
-        return _build(path_or_state.state_dict(), heads, mean, std, crop_pct)
-    if isinstance(path_or_state, dict):
-        return _build(path_or_state, heads, mean, std)
-    path = Path(path_or_state)
-    crop_pct = _hub_crop_pct(path.parent / "config.json")
-    with reading(path):
-        return _build(read_state_dict(path), heads, mean, std, crop_pct)
+
+def module_settings(model: nn.Module) -> dict[str, Any]:
+    """What a timm model says beyond its tensors: its blocks' head count, LayerNorm eps,
+    activation and layer-scale init, its pooling, and its pretrained_cfg. Models and layers
+    vitkit does not build are refused by name."""
+    kind = type(model).__name__
+    if kind not in TIMM_CLASSES:
+        raise CheckpointError(
+            f"timm's {kind} is not a ViT vitkit builds (it converts {', '.join(TIMM_CLASSES)})"
+        )
+    settings = pool_setting(getattr(model, "global_pool", "token"))
+    if len(model.blocks):
+        block = model.blocks[0]
+        layers = {"block": block, "attention": block.attn, "MLP": block.mlp}
+        for what, layer in layers.items():
+            if type(layer).__name__ != (expected := TIMM_LAYERS[what]):
+                raise CheckpointError(
+                    f"timm's {type(layer).__name__} {what} is not one vitkit builds ({expected})"
+                )
+        act = block.mlp.act
+        name = TIMM_ACTIVATIONS.get(type(act).__name__)
+        if isinstance(act, nn.GELU) and act.approximate == "tanh":
+            name = "gelu_tanh"
+        if name is None:
+            raise CheckpointError(
+                f"timm's {type(act).__name__} activation is not one vitkit builds"
+            )
+        if not isinstance(block.norm1, nn.LayerNorm):
+            raise CheckpointError(f"timm's {type(block.norm1).__name__} is not a LayerNorm")
+        settings |= {"heads": block.attn.num_heads, "ln_eps": block.norm1.eps, "act": name}
+        if hasattr(block.ls1, "init_values"):
+            settings["layer_scale_init"] = float(block.ls1.init_values)
+    pretrained = getattr(model, "pretrained_cfg", None)
+    return settings | (pretrained_settings(pretrained) if isinstance(pretrained, dict) else {})
+
+
+def pool_setting(global_pool: Any) -> dict[str, Any]:
+    """vitkit's pooling for timm's `global_pool` ("": none, a headless model's tokens)."""
+    if isinstance(global_pool, str) and global_pool in TIMM_POOLS:
+        return {"pool": TIMM_POOLS[global_pool]}
+    if global_pool:
+        raise CheckpointError(
+            f"timm's global_pool {brief(global_pool)} is not one vitkit builds ([CLS], mean)"
+        )
+    return {}
+
+
+def pretrained_settings(pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing a timm `pretrained_cfg` names (eval crop, mean, std, resize), and
+    QuickGELU where timm notes that the weights are "natively QuickGELU" (OpenAI's and other
+    CLIP towers, which timm runs with GELU under their plain names)."""
+    settings: dict[str, Any] = {"crop_pct": crop_pct_from_timm(pretrained_cfg)}
+    for key in ("mean", "std"):
+        value = pretrained_cfg.get(key)
+        if value is None:
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        if not value or not is_instance(value, tuple[float, ...]):
+            raise CheckpointError(f"pretrained_cfg {key} must be numbers, got {brief(value)}")
+        settings[key] = value
+    interpolation = pretrained_cfg.get("interpolation")
+    if interpolation is not None:
+        if interpolation not in ("bilinear", "bicubic"):
+            raise CheckpointError(
+                "pretrained_cfg interpolation must be bilinear or bicubic, got "
+                + brief(interpolation)
+            )
+        settings["interpolation"] = interpolation
+    notes = pretrained_cfg.get("notes")
+    if isinstance(notes, list | tuple) and any("natively QuickGELU" in str(n) for n in notes):
+        settings["act"] = "quick_gelu"
+    return settings
 
 
 def crop_pct_from_timm(pretrained_cfg: dict[str, Any]) -> float:
@@ -162,28 +338,60 @@ def crop_pct_from_timm(pretrained_cfg: dict[str, Any]) -> float:
     return crop_pct
 
 
-def _hub_crop_pct(path: Path) -> float | None:
-    """The eval crop of the timm Hub `config.json` at `path`, or None where there is none."""
+def hub_settings(path: Path) -> dict[str, Any]:
+    """What the timm `config.json` at `path` says (empty where there is none): its
+    architecture's name, its pooling, the head count in its model_args, and its
+    pretrained_cfg."""
     if not path.is_file():
-        return None
+        return {}
     with reading(path):
         data = read_json(path)
-        pretrained = data.get("pretrained_cfg") if isinstance(data, dict) else None
-        return crop_pct_from_timm(pretrained) if isinstance(pretrained, dict) else None
+        if not isinstance(data, dict):
+            return {}
+        architecture, args = data.get("architecture"), data.get("model_args")
+        settings = family_settings(architecture) if isinstance(architecture, str) else {}
+        settings |= pool_setting(data.get("global_pool"))
+        heads = args.get("num_heads") if isinstance(args, dict) else None
+        if heads is not None:
+            if not is_instance(heads, int) or heads < 1:
+                raise CheckpointError(f"model_args num_heads must be positive, got {brief(heads)}")
+            settings["heads"] = heads
+        pretrained = data.get("pretrained_cfg")
+        return settings | (pretrained_settings(pretrained) if isinstance(pretrained, dict) else {})
+
+
+# -- conversion -------------------------------------------------------------------------------
+def from_timm(
+    path_or_state: str | Path | dict[str, torch.Tensor] | nn.Module, **overrides: Any
+) -> ViT:
+    """A vitkit model with a timm checkpoint's weights and architecture: a weights file, a
+    state dict or a timm model.
+
+    The tensors fix the architecture but for a few settings, each taken from the last of:
+    vitkit's defaults (heads by width, LayerNorm eps 1e-6, GELU, mean = std = 0.5, crop 1.0);
+    for a file, the timm `config.json` beside it (as a Hub repository holds it), its
+    architecture's name and model_args; for a timm model, its own layers; then the
+    pretrained_cfg of either (preprocessing; QuickGELU where timm notes the weights are
+    "natively QuickGELU"); then `overrides`, ViTConfig fields (`heads=16`, `act="gelu"` for
+    timm's own numbers on such weights). None values are ignored.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(path_or_state, nn.Module):
+        return _build(path_or_state.state_dict(), module_settings(path_or_state), overrides)
+    if isinstance(path_or_state, dict):
+        return _build(path_or_state, {}, overrides)
+    path = Path(path_or_state)
+    settings = hub_settings(path.parent / "config.json")
+    with reading(path):
+        return _build(read_state_dict(path), settings, overrides)
 
 
 def _build(
-    state: dict[str, torch.Tensor],
-    heads: int | None,
-    mean: tuple[float, ...] | None,
-    std: tuple[float, ...] | None,
-    crop_pct: float | None = None,
+    state: dict[str, torch.Tensor], settings: dict[str, Any], overrides: dict[str, Any]
 ) -> ViT:
-    config = config_from_timm(state, heads)
-    if mean is not None and std is not None:
-        config = config.replace(mean=tuple(mean), std=tuple(std))
-    if crop_pct is not None:
-        config = config.replace(crop_pct=crop_pct)
+    config = config_from_timm(state, **settings)
+    if overrides:
+        config = config.replace(**overrides)
     # The config is read off a few tensors: every other one must fit it before it is built.
     problems = shape_problems({k: v.shape for k, v in state.items()}, state_shapes(config))
     if problems:
@@ -194,5 +402,6 @@ def _build(
 
 
 def to_timm(model: ViT) -> dict[str, torch.Tensor]:
-    """A state dict that timm's VisionTransformer of the same shape loads as it is."""
+    """A state dict that timm's VisionTransformer (VisionTransformerDistilled for a distilled
+    model) of the same shape loads as it is."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
