@@ -14,7 +14,7 @@ from vitkit.weights.format import (
     read_json,
     save_model,
 )
-from vitkit.weights.hf import from_hf
+from vitkit.weights.hf_families import from_hf_auto
 from vitkit.weights.imagenet import imagenet1k_labels
 from vitkit.weights.npz import from_npz
 from vitkit.weights.timm import from_timm
@@ -24,14 +24,15 @@ FORMATS = ("vitkit", "timm", "hf", "npz")
 
 def guess_format(src: str | Path) -> str:
     """npz for Google's files, timm for other weights files, hf for a transformers
-    directory, vitkit for ours (or a shipped model's name)."""
+    directory (its config.json names a model_type, which vitkit's never does), vitkit for ours
+    (or a shipped model's name)."""
     src = Path(src)
     if src.is_dir():
         config = src / "config.json"
         if config.is_file():
             data = read_json(config)
-            if isinstance(data, dict) and data.get("model_type") == "vit":
-                return "hf"
+            if isinstance(data, dict) and "model_type" in data:
+                return "hf"  # a model_type vitkit does not read is refused there, by name
         return "vitkit"
     if src.suffix == ".npz":
         return "npz"
@@ -40,6 +41,9 @@ def guess_format(src: str | Path) -> str:
 
 def load_pretrained(src: str | Path, fmt: str | None = None, heads: int | None = None) -> ViT:
     """A model from any checkpoint vitkit reads, its format guessed unless given.
+
+    A Hugging Face directory is read by its config.json's model_type: ViT, DINOv2 (with or
+    without registers), CLIP's image tower (see `hf_families`).
 
     `hf:<repo>` and `timm:<repo>` name Hugging Face Hub repositories, downloaded (and cached)
     with `huggingface_hub` when the network allows; `@<revision>` (a commit, tag or branch)
@@ -52,7 +56,7 @@ def load_pretrained(src: str | Path, fmt: str | None = None, heads: int | None =
     fmt = fmt or guess_format(src)
     if fmt == "vitkit":
         return load_model(src)
-    readers = {"timm": partial(from_timm, heads=heads), "hf": from_hf, "npz": from_npz}
+    readers = {"timm": partial(from_timm, heads=heads), "hf": from_hf_auto, "npz": from_npz}
     model = readers[fmt](src)
     if source is not None:
         model.config = model.config.replace(source=source)

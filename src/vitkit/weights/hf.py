@@ -2,12 +2,16 @@
 
 Reads `ViTModel` and `ViTForImageClassification` checkpoints (config.json + model.safetensors
 or pytorch_model.bin) and writes directories that `ViTForImageClassification.from_pretrained`
-loads. Tensor names are those of the files on disk.
+loads. Tensor names are those of the files on disk. The pieces every Hugging Face family
+shares (finding the files, renaming tensors by a layout, config fields, preprocessing) live
+here too; hf_families.py reads DINOv2 and CLIP with them.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,20 @@ from vitkit.weights.format import (
     reading,
     shape_problems,
 )
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """Where a Hugging Face model keeps vitkit's tensors: Hugging Face name -> vitkit name."""
+
+    top: dict[str, str]  # outside the blocks
+    blocks: str  # the prefix of block {i}
+    block: dict[str, str]  # within a block: "<blocks><hf>" -> "blocks.{i}.<vitkit>"
+    # vitkit's fused qkv projection is these three, stacked in this order.
+    qkv: tuple[str, str, str]
+    # Tensors read and dropped (a pretraining-only mask token, an unused pooler).
+    unused: tuple[str, ...] = field(default=())
+
 
 # Hugging Face name -> vitkit name, outside the blocks.
 HF_TOP = {
@@ -47,13 +65,22 @@ HF_BLOCK = {
     "output.dense.weight": "mlp.fc2.weight",
     "output.dense.bias": "mlp.fc2.bias",
 }
-# vitkit's fused qkv projection is Hugging Face's query, key and value, stacked in that order.
 HF_QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 HF_HEAD = {"classifier.weight": "head.weight", "classifier.bias": "head.bias"}
+# ViTModel's pooler (a dense layer + tanh on [CLS]) feeds no head vitkit has.
+HF_VIT = HFLayout(HF_TOP, "encoder.layer.{i}.", HF_BLOCK, HF_QKV, unused=("pooler.",))
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # preprocessor_config.json names resampling filters by their Pillow numbers.
 PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}
+# config.json's hidden_act -> vitkit's act. gelu_new is the tanh approximation (written out).
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
 
 
 def config_from_hf(hf: Any, has_head: bool) -> tuple[ViTConfig, list[str] | None]:
@@ -64,25 +91,20 @@ def config_from_hf(hf: Any, has_head: bool) -> tuple[ViTConfig, list[str] | None
         raise CheckpointError(
             f"not a Hugging Face ViT config (model_type {brief(hf.get('model_type'))})"
         )
-    if hf.get("hidden_act", "gelu") != "gelu":
-        act = brief(hf["hidden_act"])
-        raise CheckpointError(f"hidden_act {act} is not supported (only gelu)")
-    labels = _labels(hf.get("id2label")) if has_head else None
-    width, channels = _size(hf, "hidden_size", 768), _size(hf, "num_channels", 3)
-    eps = hf.get("layer_norm_eps", 1e-12)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        raise CheckpointError(f"layer_norm_eps must be a number, got {brief(eps)}")
+    labels = labels_from_hf(hf.get("id2label")) if has_head else None
+    width, channels = positive_int(hf, "hidden_size", 768), positive_int(hf, "num_channels", 3)
     config = ViTConfig(
-        image_size=_size(hf, "image_size", 224),
-        patch_size=_size(hf, "patch_size", 16),
+        image_size=positive_int(hf, "image_size", 224),
+        patch_size=positive_int(hf, "patch_size", 16),
         in_channels=channels,
         num_classes=len(labels) if labels else 0,
         width=width,
-        depth=_size(hf, "num_hidden_layers", 12),
-        heads=_size(hf, "num_attention_heads", 12),
-        mlp_ratio=_size(hf, "intermediate_size", 4 * width) / width,
+        depth=positive_int(hf, "num_hidden_layers", 12),
+        heads=positive_int(hf, "num_attention_heads", 12),
+        mlp_ratio=mlp_ratio(width, positive_int(hf, "intermediate_size", 4 * width)),
         qkv_bias=hf.get("qkv_bias", True),
-        ln_eps=eps,  # an int too large for a float is ViTConfig's to refuse
+        ln_eps=layer_norm_eps(hf, 1e-12),
+        act=activation_from_hf(hf, "gelu"),
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
         interpolation="bilinear",
@@ -90,14 +112,40 @@ def config_from_hf(hf: Any, has_head: bool) -> tuple[ViTConfig, list[str] | None
     return config, labels
 
 
-def _size(hf: dict[str, Any], key: str, default: int) -> int:
+def positive_int(hf: dict[str, Any], key: str, default: int) -> int:
+    """A config.json size, `default` where it is absent."""
     value = hf.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise CheckpointError(f"{key} must be a positive integer, got {brief(value)}")
     return value
 
 
-def _labels(id2label: Any) -> list[str] | None:
+def mlp_ratio(width: int, hidden: int) -> float:
+    """The mlp_ratio that gives `hidden` MLP units (ViTConfig rounds width x ratio down, and
+    hidden / width can fall a hair short: 8192 / 1664 x 1664 is 8191.99...)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else math.nextafter(ratio, math.inf)
+
+
+def layer_norm_eps(hf: dict[str, Any], default: float) -> float:
+    """config.json's layer_norm_eps (an int too large for a float is ViTConfig's to refuse)."""
+    eps = hf.get("layer_norm_eps", default)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise CheckpointError(f"layer_norm_eps must be a number, got {brief(eps)}")
+    return eps
+
+
+def activation_from_hf(hf: dict[str, Any], default: str) -> str:
+    """vitkit's `act` for config.json's hidden_act."""
+    act = hf.get("hidden_act", default)
+    if not isinstance(act, str) or act not in HF_ACTIVATIONS:
+        raise CheckpointError(
+            f"hidden_act {brief(act)} is not supported (vitkit builds {', '.join(HF_ACTIVATIONS)})"
+        )
+    return HF_ACTIVATIONS[act]
+
+
+def labels_from_hf(id2label: Any) -> list[str] | None:
     """Class names from `id2label`, whose keys must be the class indices 0, 1, ..."""
     if not id2label:
         return None
@@ -111,15 +159,25 @@ def _labels(id2label: Any) -> list[str] | None:
     return [id2label[str(i)] for i in range(len(id2label))]
 
 
-def from_hf(directory: str | Path) -> ViT:
-    """A vitkit model from a Hugging Face ViT directory."""
-    directory = Path(directory)
+def hf_files(directory: Path) -> tuple[Path, Path]:
+    """config.json and the weights file of a Hugging Face model directory."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json (not a Hugging Face model directory)")
     weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
     if weights is None:
-        raise CheckpointError(f"{directory}: no {' or '.join(WEIGHT_FILES)}")
+        sharded = (directory / "model.safetensors.index.json").is_file()
+        why = (
+            " (weights split into shards are not read: merge them into one file)" if sharded else ""
+        )
+        raise CheckpointError(f"{directory}: no {' or '.join(WEIGHT_FILES)}{why}")
+    return config_path, weights
+
+
+def from_hf(directory: str | Path) -> ViT:
+    """A vitkit model from a Hugging Face ViT directory."""
+    directory = Path(directory)
+    config_path, weights = hf_files(directory)
     with reading(directory):
         state = read_state_dict(weights)
         prefix = "vit." if any(k.startswith("vit.") for k in state) else ""
@@ -130,56 +188,71 @@ def from_hf(directory: str | Path) -> ViT:
             config = config.replace(num_classes=head.shape[0])
             labels = None
         with reading(directory / PREPROCESSOR_FILE):
-            config = config.replace(**_preprocessing(directory, config.in_channels))
-        ours = _to_vitkit(state, prefix, config.depth, head is not None)
-        problems = shape_problems({k: v.shape for k, v in ours.items()}, state_shapes(config))
-        if problems:
-            raise CheckpointError(f"{weights} does not match config.json: " + " | ".join(problems))
-        model = ViT(config)
-        model.load_state_dict(ours)
+            config = config.replace(**preprocessing(directory, config.in_channels))
+        extra = HF_HEAD if head is not None else {}
+        ours = rename(state, HF_VIT, prefix, config.depth, config.qkv_bias, extra)
+        model = build(ours, config, weights)
     model.labels = labels
-    return model.eval()
+    return model
 
 
-def _to_vitkit(
-    state: dict[str, torch.Tensor], prefix: str, depth: int, has_head: bool
+def rename(
+    state: dict[str, torch.Tensor],
+    layout: HFLayout,
+    prefix: str,
+    depth: int,
+    qkv_bias: bool = True,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    out, used = {}, set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise CheckpointError(f"Hugging Face checkpoint lacks {name}")
-        used.add(name)
-        return state[name].float()
-
-    for hf_name, ours in HF_TOP.items():
-        out[ours] = take(prefix + hf_name)
+    """vitkit's tensors (float32) from a state dict laid out as `layout` under `prefix`;
+    `extra`: more Hugging Face -> vitkit names, outside the prefix (a head). A tensor left
+    over belongs to something vitkit does not build, and is refused by name."""
+    table = {prefix + hf: ours for hf, ours in layout.top.items()} | (extra or {})
+    fused: dict[str, list[str]] = {}
     for i in range(depth):
-        block = f"{prefix}encoder.layer.{i}."
-        for hf_name, ours in HF_BLOCK.items():
-            out[f"blocks.{i}.{ours}"] = take(block + hf_name)
-        for part in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(
-                [take(f"{block}{q}.{part}") for q in HF_QKV]
-            )
-    if has_head:
-        out |= {ours: take(hf_name) for hf_name, ours in HF_HEAD.items()}
-    leftover = sorted(k for k in set(state) - used if not k.startswith("pooler."))
+        block = prefix + layout.blocks.format(i=i)
+        table |= {block + hf: f"blocks.{i}.{ours}" for hf, ours in layout.block.items()}
+        for part in ("weight", "bias") if qkv_bias else ("weight",):
+            fused[f"blocks.{i}.attn.qkv.{part}"] = [f"{block}{q}.{part}" for q in layout.qkv]
+    used = set(table) | {name for names in fused.values() for name in names}
+    missing = sorted(used - set(state))
+    if missing:
+        raise CheckpointError(f"Hugging Face checkpoint lacks {', '.join(missing[:8])}")
+    unused = tuple(prefix + name for name in layout.unused)
+    leftover = sorted(k for k in set(state) - used if not k.startswith(unused))
     if leftover:
         raise CheckpointError(
             f"Hugging Face checkpoint has tensors vitkit does not use: {', '.join(leftover[:8])}"
         )
-    return out
+    out = {ours: state[hf].float() for hf, ours in table.items()}
+    # Misshapen parts fail to stack (a RuntimeError, which the caller's `reading` names).
+    return out | {
+        ours: torch.cat([state[n].float() for n in names]) for ours, names in fused.items()
+    }
 
 
-def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
-    """Normalisation, resampling and eval crop from preprocessor_config.json; without one,
-    what `ViTImageProcessor` defaults to (0.5 / 0.5, bilinear, no crop)."""
+def build(state: dict[str, torch.Tensor], config: ViTConfig, weights: Path) -> ViT:
+    """The model `config` describes with `state`, once every tensor's name and shape fit."""
+    problems = shape_problems({k: v.shape for k, v in state.items()}, state_shapes(config))
+    if problems:
+        raise CheckpointError(f"{weights} does not match config.json: " + " | ".join(problems))
+    model = ViT(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def preprocessing(
+    directory: Path, channels: int, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Normalisation, resampling and eval crop from preprocessor_config.json. What it does not
+    say is taken from `defaults` (a family's usual processor), else from what
+    `ViTImageProcessor` defaults to (0.5 / 0.5, no crop; the resize is the config's)."""
     path = directory / PREPROCESSOR_FILE
     pre = read_json(path) if path.is_file() else {}
     if not isinstance(pre, dict):
         raise CheckpointError(f"must be a JSON object, got {type(pre).__name__}")
     out: dict[str, Any] = {"mean": (0.5,) * channels, "std": (0.5,) * channels}
+    out |= defaults or {}
     if "image_mean" in pre and "image_std" in pre:
         for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
             value = pre[theirs]  # a list, or one number for every channel
@@ -187,9 +260,9 @@ def _preprocessing(directory: Path, channels: int) -> dict[str, Any]:
     resample = pre.get("resample")
     if isinstance(resample, int) and resample in PIL_RESAMPLE.values():
         out["interpolation"] = {v: k for k, v in PIL_RESAMPLE.items()}[resample]
-    crop_pct = _crop_pct(pre)
-    if crop_pct is not None:
-        out["crop_pct"] = crop_pct
+    if path.is_file():  # a processor that does not crop keeps the whole centre square
+        crop_pct = _crop_pct(pre)
+        out["crop_pct"] = 1.0 if crop_pct is None else crop_pct
     return out
 
 
