@@ -316,7 +316,7 @@ def test_predict_command_reports_bad_files(biased_dir, image_dir, tmp_path, caps
 def test_eval_command(biased_dir, monkeypatch, capsys):
     requested = {}
 
-    def fake_load_dataset(spec, split, data_dir, image_size, channels, val_fraction):
+    def fake_load_dataset(spec, split, data_dir, image_size, channels, val_fraction, crop_pct):
         requested.update(spec=spec, split=split, size=image_size, channels=channels)
         requested["val_fraction"] = val_fraction
         return _dataset([3, 3, 3, 5])

@@ -82,7 +82,7 @@ def evaluate(
             unit="img",
             disable=not progress,
         ) as bar:
-            for images, y in _batches(dataset, batch_size):
+            for images, y in dataset_batches(dataset, batch_size):
                 images = images.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 logits = model(preprocess(images, model.config).to(dtype)).float()
@@ -118,7 +118,7 @@ def evaluate(
     )
 
 
-def _batches(
+def dataset_batches(
     dataset: ImageDataset | ImageStream, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) of every image, in order."""

@@ -12,6 +12,7 @@ from vitkit.cli.bench import add_bench_command
 from vitkit.cli.convert import add_convert_command
 from vitkit.cli.create import add_create_command
 from vitkit.cli.data import add_data_command
+from vitkit.cli.embed import add_embed_command
 from vitkit.cli.eval import add_eval_command
 from vitkit.cli.explain import add_explain_command
 from vitkit.cli.export import add_export_command
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_eval_command(sub)
     add_predict_command(sub)
+    add_embed_command(sub)
     add_explain_command(sub)
     add_export_command(sub)
     add_optimize_command(sub)

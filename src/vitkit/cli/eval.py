@@ -1,4 +1,5 @@
-"""`vitkit eval`: accuracy, per-class accuracy and the confusion matrix on a dataset."""
+"""`vitkit eval`: accuracy, per-class accuracy and the confusion matrix on a dataset, by the
+model's head or (--knn) by the nearest training images' features."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ from vitkit.cli.common import (
 from vitkit.data.sources import open_source, source_kind
 from vitkit.data.stream import decode_all, stream_choice
 from vitkit.evaluate import EvalReport, evaluate, save_report
+from vitkit.infer.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_settings, knn_evaluate
 from vitkit.infer.optimize import optimize
+from vitkit.model.vit import ViT
 from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
 from vitkit.weights.format import load_model, resolve_model_dir
+
+# Where --knn writes its report inside the default output folder, beside the head's.
+KNN_DIR = "knn"
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,10 +56,26 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=Path,
         metavar="DIR",
         help=f"for {REPORT_FILE} and {CONFUSION_FILE} (default: MODEL_DIR/eval, or ./MODEL.eval "
-        "if the model directory is read-only or shipped)",
+        "if the model directory is read-only or shipped; with --knn, its knn/ folder)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_precision_argument(p, "fp32")
+    p.add_argument(
+        "--knn",
+        action="store_true",
+        help="classify by the features instead of the head, trained on nothing: DINO's weighted "
+        "k-NN against the features of the training split (fp32)",
+    )
+    p.add_argument(
+        "--k", type=int, default=DEFAULT_K, help=f"neighbours that vote (default {DEFAULT_K})"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        metavar="T",
+        help=f"a neighbour's vote weighs exp(similarity / T) (default {DEFAULT_TEMPERATURE})",
+    )
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -67,15 +89,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.val_fraction is None
         else args.val_fraction
     )
+    if args.knn:
+        return _eval_knn(args, model, directory, fraction)
     dataset = _dataset(args, c.image_size, c.in_channels, fraction, c.crop_pct)
-    if isinstance(dataset, data.ImageDataset) and dataset.skipped:
-        path, reason = dataset.skipped[0]
-        note("eval", f"skipped {len(dataset.skipped)} unreadable file(s), first {path}: {reason}")
     fast = optimize(model, args.precision, num_images=len(dataset))
     report = evaluate(fast, dataset, batch_size=args.batch_size)
-    if isinstance(dataset, data.ImageStream) and dataset.skipped:
-        first = next(iter(dataset.skipped))
-        note("eval", f"passed over {len(dataset.skipped)} unreadable file(s), first {first}")
+    _note_unreadable(dataset)
     out = save_report(report, args.out or default_out(directory, "eval"), dataset.classes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -83,6 +102,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _print_report(report, f"{dataset.name or args.data} {args.split}, {fast.precision}")
         print(f"wrote {out / REPORT_FILE} and {out / CONFUSION_FILE}")
     return 0
+
+
+def _eval_knn(args: argparse.Namespace, model: ViT, directory: Path, val_fraction: float) -> int:
+    """k-NN scores of the evaluated split against a bank of the training split's features."""
+    if args.split == "train":
+        raise ValueError("--knn scores a held-out split against the training split, not itself")
+    if args.precision != "fp32":
+        raise ValueError(f"--knn embeds in fp32; --precision {args.precision} is for the head")
+    check_knn_settings(args.k, args.temperature)  # before the datasets load
+    c = model.config
+    bank_args = argparse.Namespace(**{**vars(args), "split": "train"})
+    bank = _dataset(bank_args, c.image_size, c.in_channels, val_fraction, c.crop_pct)
+    dataset = _dataset(args, c.image_size, c.in_channels, val_fraction, c.crop_pct)
+    report = knn_evaluate(model, bank, dataset, args.k, args.temperature, args.batch_size)
+    _note_unreadable(bank)
+    _note_unreadable(dataset)
+    out_dir = args.out or default_out(directory, "eval") / KNN_DIR
+    out = save_report(report, out_dir, dataset.classes)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(
+            f"{dataset.name or args.data} {args.split}, k-NN (k={report.k}, "
+            f"T={report.temperature:g}) on {report.bank_images:,} train images' features: "
+            f"{report.num_images:,} images, top-1 {report.top1:.2%}, top-5 {report.top5:.2%}, "
+            f"{report.images_per_second:,.0f} images/s"
+        )
+        _print_classes(report)
+        print(f"wrote {out / REPORT_FILE} and {out / CONFUSION_FILE}")
+    return 0
+
+
+def _note_unreadable(dataset: data.ImageDataset | data.ImageStream) -> None:
+    """Says how many unreadable files a dataset left out (in memory) or passed over (streamed)."""
+    if not dataset.skipped:
+        return
+    if isinstance(dataset, data.ImageDataset):
+        path, reason = dataset.skipped[0]
+        note("eval", f"skipped {len(dataset.skipped)} unreadable file(s), first {path}: {reason}")
+    else:
+        first = next(iter(dataset.skipped))
+        note("eval", f"passed over {len(dataset.skipped)} unreadable file(s), first {first}")
 
 
 def _dataset(
@@ -117,6 +178,10 @@ def _print_report(report: EvalReport, title: str) -> None:
         f"top-5 {report.top5:.2%}, loss {report.loss:.4f}, "
         f"{report.images_per_second:,.0f} images/s"
     )
+    _print_classes(report)
+
+
+def _print_classes(report: EvalReport) -> None:
     width = max(5, *(len(c) for c in report.per_class))
     print(f"{'class':<{width}}  {'images':>8}  {'accuracy':>8}")
     for (name, accuracy), row in zip(report.per_class.items(), report.confusion, strict=True):

@@ -13,6 +13,7 @@ image (B, C, H, W)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,31 @@ class ViT(nn.Module):
         for block in self.blocks:
             x, _ = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.norm(x)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] = 1, norm: bool = False
+    ) -> list[torch.Tensor]:
+        """(B, C, H, W) -> the tokens (B, T, D) that the blocks at `indices` output, in that
+        order: block numbers (negative from the end), or an int n for the last n blocks; with
+        `norm`, each through the final norm (DINOv2's probes and dense heads read these).
+
+        Blocks after the last one asked for are not run.
+        """
+        depth = len(self.blocks)
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"the last n blocks: n must be in 1..{depth}, got {indices}")
+            indices = range(depth - indices, depth)
+        if not indices or not all(-depth <= i < depth for i in indices):
+            raise ValueError(f"block indices must be in {-depth}..{depth - 1}, got {indices}")
+        wanted = [i % depth for i in indices]
+        outputs = {}
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+            x, _ = block(x)
+            if i in wanted:
+                outputs[i] = self.norm(x) if norm else x
+        return [outputs[i] for i in wanted]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, T, D) -> pooled features (B, D) if `pre_logits`, else logits.
