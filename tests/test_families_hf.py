@@ -293,10 +293,10 @@ def test_classification_heads_vitkit_cannot_pool_are_refused(transformers, tmp_p
 
 
 def test_other_model_types_are_refused_by_name(transformers, tmp_path):
-    config = transformers.SiglipVisionConfig(**SMALL, intermediate_size=96, patch_size=14)
-    directory = _saved(transformers.SiglipVisionModel(config), tmp_path / "siglip")
+    config = transformers.Siglip2VisionConfig(**SMALL, intermediate_size=96, patch_size=14)
+    directory = _saved(transformers.Siglip2VisionModel(config), tmp_path / "siglip2")
     assert guess_format(directory) == "hf"
-    with pytest.raises(CheckpointError, match=r"siglip_vision_model: .*attention head"):
+    with pytest.raises(CheckpointError, match=r"siglip2_vision_model: .*NaFlex"):
         load_pretrained(directory)
     (directory / "config.json").write_text(json.dumps({"model_type": "beit"}))
     with pytest.raises(CheckpointError, match=r"model_type 'beit' is not one vitkit reads"):

@@ -39,6 +39,7 @@ def test_paper_parameter_counts_of_built_models(name):
 
 # Building and running these takes seconds each: in the full suite only.
 _LARGE = ("B/16", "B/32", "R50+B/16", "R50+B/16@384", "DeiT-B/16-distilled", "CLIP-B/16")
+_LARGE += ("SigLIP-B/16",)
 _LARGE += ("DINOv2-S/14", "DINOv2-S/14-reg4")  # 518 px: 1,369 patches
 
 

@@ -29,7 +29,9 @@ class ViTConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     ln_eps: float = 1e-6
-    pool: Literal["cls", "mean"] = "cls"
+    # How the tokens become one feature: [CLS], the mean of the patch tokens, or attention
+    # pooling (SigLIP's MAP head: a learnt probe attends over the patch tokens, then an MLP).
+    pool: Literal["cls", "mean", "map"] = "cls"
     # timm's average-pooled models normalise after pooling ("fc_norm") instead of before.
     fc_norm: bool = False
     class_token: bool = True
@@ -110,10 +112,12 @@ class ViTConfig:
                 stride = f"CNN stride {self.cnn_stride} x {what}"
                 what = f"the token stride {self.token_stride} ({stride})"
             raise ValueError(f"image_size {self.image_size} is not a multiple of {what}")
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.pool not in ("cls", "mean", "map"):
+            raise ValueError(f"pool must be 'cls', 'mean' or 'map', got {brief(self.pool)}")
         if self.pool == "cls" and not self.class_token:
-            raise ValueError("pool='cls' needs class_token=True; use pool='mean' without one")
+            raise ValueError(
+                "pool='cls' needs class_token=True; use pool='mean' or 'map' without one"
+            )
         if self.distilled and self.pool != "cls":
             raise ValueError(
                 "distilled=True reads [CLS] and the distillation token: it needs pool='cls'"
@@ -401,6 +405,12 @@ PRESETS |= {
     # blocks, eps 1e-5, QuickGELU, and the projection into the 512-d joint space as its head.
     "CLIP-B/16": _paper("B", 16).replace(
         norm_pre=True, ln_eps=1e-5, act="quick_gelu", num_classes=512, **_OPENAI_CLIP
+    ),
+    # SigLIP's image tower (Zhai et al., 2023; timm's vit_base_patch16_siglip_224): no [CLS],
+    # attention pooling, GELU's tanh form (as trained), features without a head; as SigLIP's
+    # processor, the image resized whole (no crop), mean = std = 0.5.
+    "SigLIP-B/16": _paper("B", 16).replace(
+        class_token=False, cls_pos_embed=False, pool="map", act="gelu_tanh", num_classes=0
     ),
 }
 

@@ -46,5 +46,7 @@ def options(cfg: ViTConfig) -> list[str]:
         (cfg.act, cfg.act != "gelu"),
         ("headless", not cfg.num_classes),
         ("mean pool", cfg.pool == "mean"),
+        ("attention pool", cfg.pool == "map"),
+        ("no [CLS]", not cfg.class_token),
     ]
     return [text for text, present in named if present]

@@ -155,3 +155,31 @@ class Block(nn.Module):
         x = x + self.drop_path(self.ls1(y))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (MAP; SigLIP): a learnt probe token attends over the
+    tokens, then goes through a pre-norm MLP with a residual, as the second half of a block.
+
+    Names follow timm's `attn_pool`: `latent` is the probe, `q` projects it, `kv` the tokens.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        c = config
+        self.heads = c.heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.q = nn.Linear(c.width, c.width)
+        self.kv = nn.Linear(c.width, 2 * c.width)
+        self.proj = nn.Linear(c.width, c.width)
+        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.mlp = Mlp(c.width, c.mlp_dim, c.dropout, c.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T, D) -> the pooled probe (B, D)."""
+        b, t, d = x.shape
+        q = self.q(self.latent).view(1, self.heads, 1, d // self.heads).expand(b, -1, -1, -1)
+        kv = self.kv(x).view(b, t, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, heads, 1, head_dim)
+        y = self.proj(y.transpose(1, 2).reshape(b, 1, d))
+        return (y + self.mlp(self.norm(y)))[:, 0]

@@ -6,8 +6,9 @@ image (B, C, H, W)
   -> + position embeddings, prepend [CLS] (and DeiT's distillation token, registers)
      (CLIP: then a LayerNorm)
   -> depth x pre-norm block     (B, T, D)       encoder.py
-  -> final LayerNorm -> pool ([CLS] or mean) -> linear head -> logits (B, num_classes)
-     (fc_norm models: pool, then LayerNorm; distilled: the mean of two heads' logits)
+  -> final LayerNorm -> pool ([CLS], mean, or attention) -> linear head -> logits (B, classes)
+     (fc_norm models: pool, then LayerNorm; distilled: the mean of two heads' logits;
+     SigLIP: a probe token attends over the patch tokens, then an MLP, `AttentionPool`)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkit.config import ViTConfig
-from vitkit.model.encoder import Block, LayerScale
+from vitkit.model.encoder import AttentionPool, Block, LayerScale
 from vitkit.model.patch_embed import PatchEmbed
 from vitkit.model.resnet import resnet_macs
 
@@ -48,6 +49,7 @@ class ViT(nn.Module):
         rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(c, r) for r in rates)
         self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.attn_pool = AttentionPool(c) if c.pool == "map" else None
         self.fc_norm = nn.LayerNorm(c.width, eps=c.ln_eps) if c.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.dropout)
         self.head = self._new_head()
@@ -72,8 +74,9 @@ class ViT(nn.Module):
     def init_weights(self) -> None:
         """Truncated normal (std 0.02) for linear layers, position embeddings and the
         distillation token (as DeiT), LeCun normal for the patch projection, near-zero [CLS]
-        and registers, layer-scale gains at their initial value, and zero heads so that
-        training starts from uniform predictions."""
+        and registers, layer-scale gains at their initial value, a unit-scale attention-pool
+        probe (std 1/sqrt(width), as timm), and zero heads so that training starts from
+        uniform predictions."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -95,6 +98,8 @@ class ViT(nn.Module):
                 nn.init.normal_(token, std=1e-6)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.config.width**-0.5)
         for head in (self.head, self.head_dist):
             if isinstance(head, nn.Linear):
                 nn.init.zeros_(head.weight)
@@ -184,6 +189,8 @@ class ViT(nn.Module):
             return (self.head(cls) + self.head_dist(dist)) / 2
         if self.config.pool == "cls":
             x = x[:, 0]
+        elif self.attn_pool is not None:  # as timm: the probe reads patch tokens only
+            x = self.attn_pool(x[:, self.config.num_prefix_tokens :])
         else:
             x = x[:, self.config.num_prefix_tokens :].mean(dim=1)
         x = self.head_drop(self.fc_norm(x))
@@ -267,4 +274,6 @@ def flops(config: ViTConfig, image_size: int | None = None) -> int:
         patch += resnet_macs(c.in_channels, c.resnet_layers, c.resnet_width, c.resnet_stem, size)
     per_block = t * (3 * d * d + d * d + 2 * d * m) + 2 * t * t * d  # projections + QK^T, AV
     head = d * c.num_classes * (2 if c.distilled else 1)
+    if c.pool == "map":  # the probe's q, proj and MLP; k, v of the patch tokens; QK^T, AV
+        head += d * d + 2 * n * d * d + d * d + 2 * d * m + 2 * n * d
     return 2 * (patch + c.depth * per_block + head)

@@ -1,4 +1,4 @@
-"""Hugging Face DINOv2 and CLIP image towers -> vitkit.
+"""Hugging Face DINOv2, CLIP and SigLIP image towers -> vitkit.
 
 `from_hf_auto` reads a Hugging Face directory by its config.json's model_type:
 
@@ -6,12 +6,14 @@
 - dinov2, dinov2_with_registers: `Dinov2Model`, `Dinov2WithRegistersModel` (and their
   `Backbone`s, which hold the same tensors): features, no head;
 - clip_vision_model, clip: `CLIPVisionModel` (features), `CLIPVisionModelWithProjection`
-  and the image tower of a `CLIPModel`, whose `visual_projection` becomes the head.
+  and the image tower of a `CLIPModel`, whose `visual_projection` becomes the head;
+- siglip_vision_model, siglip: `SiglipVisionModel` and the image tower of a `SiglipModel`:
+  features pooled by SigLIP's attention head (vitkit's pool="map").
 
 What vitkit cannot build is refused by name: DINOv2's SwiGLU MLP (the giant model), the
 classification heads of `Dinov2ForImageClassification` ([CLS] concatenated with the mean of
-the patch tokens) and `CLIPForImageClassification` (the mean of unnormalised patch tokens),
-and SigLIP's attention-pooling head.
+the patch tokens), `CLIPForImageClassification` (the mean of unnormalised patch tokens),
+SigLIP towers without their attention head, and SigLIP 2.
 
 At the native size vitkit's outputs are transformers' (tests/test_families_hf.py). At other
 sizes the position embeddings are resampled by vitkit's rule (bicubic, antialiased):
@@ -153,17 +155,44 @@ CLIP_PREPROCESSING = {
     "crop_pct": 1.0,
 }
 
-# -- what is refused ----------------------------------------------------------------------
-SIGLIP = (
-    "SigLIP pools with an attention head (a learnt probe token attending over every token, "
-    "then a LayerNorm and an MLP), which vitkit does not build"
-)
-REFUSED_TYPES = {
-    "siglip": SIGLIP,
-    "siglip_vision_model": SIGLIP,
-    "siglip2": SIGLIP,
-    "siglip2_vision_model": SIGLIP,
+# -- SigLIP -------------------------------------------------------------------------------
+# The blocks are named as CLIP's; no [CLS], no LayerNorm before the blocks, and the attention
+# head (`head.*`) reads every token after `post_layernorm`, as vitkit's `attn_pool` does.
+SIGLIP_TOP = {
+    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    "embeddings.position_embedding.weight": "pos_embed",  # patches only
+    "post_layernorm.weight": "norm.weight",
+    "post_layernorm.bias": "norm.bias",
+    "head.probe": "attn_pool.latent",
+    "head.attention.out_proj.weight": "attn_pool.proj.weight",
+    "head.attention.out_proj.bias": "attn_pool.proj.bias",
+    "head.layernorm.weight": "attn_pool.norm.weight",
+    "head.layernorm.bias": "attn_pool.norm.bias",
+    "head.mlp.fc1.weight": "attn_pool.mlp.fc1.weight",
+    "head.mlp.fc1.bias": "attn_pool.mlp.fc1.bias",
+    "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight",
+    "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias",
 }
+# nn.MultiheadAttention packs q, k and v into in_proj_{weight,bias} (3D rows, in that order);
+# they are split into vitkit's `q` (the first D rows) and `kv` (the rest) after renaming.
+SIGLIP_IN_PROJ = "head.attention.in_proj_"
+SIGLIP = HFLayout(SIGLIP_TOP, CLIP.blocks, CLIP_BLOCK, CLIP.qkv, unused=(SIGLIP_IN_PROJ,))
+# Without a preprocessor_config.json: SiglipImageProcessor (the whole image resized to the
+# model's size, bicubic, mean = std = 0.5).
+SIGLIP_PREPROCESSING = {
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "interpolation": "bicubic",
+    "crop_pct": 1.0,
+}
+
+# -- what is refused ----------------------------------------------------------------------
+SIGLIP2 = (
+    "SigLIP 2 embeds flattened patches with a linear layer and resizes its position "
+    "embeddings per image (NaFlex), which vitkit does not build"
+)
+REFUSED_TYPES = {"siglip2": SIGLIP2, "siglip2_vision_model": SIGLIP2}
 
 
 def from_hf_auto(directory: str | Path) -> ViT:
@@ -324,9 +353,66 @@ def config_from_clip(hf: Any) -> ViTConfig:
 
 
 def _is_image_tower(name: str) -> bool:
-    """A CLIPModel's tensors vitkit reads: the image tower and its projection (not the text
-    tower, nor the logit scale)."""
-    return not name.startswith(("text_model.", "text_projection.", "logit_scale"))
+    """A CLIPModel's or SiglipModel's tensors vitkit reads: the image tower and its projection
+    (not the text tower, nor the logit scale and bias)."""
+    return not name.startswith(("text_model.", "text_projection.", "logit_scale", "logit_bias"))
+
+
+# -- SigLIP -------------------------------------------------------------------------------
+def from_hf_siglip(directory: str | Path) -> ViT:
+    """A vitkit feature extractor from a Hugging Face SigLIP directory: `SiglipVisionModel`
+    or a whole `SiglipModel` (its text tower is not read). The features are transformers'
+    pooler_output, the attention head's; the tokens, its last_hidden_state."""
+    directory = Path(directory)
+    config_path, weights = hf_files(directory)
+    with reading(directory):
+        with reading(config_path):
+            config = config_from_siglip(read_json(config_path))
+        state = read_some(weights, _is_image_tower)
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
+        defaults = SIGLIP_PREPROCESSING if config.in_channels == 3 else None
+        with reading(directory / PREPROCESSOR_FILE):
+            config = config.replace(**preprocessing(directory, config.in_channels, defaults))
+        ours = rename(state, SIGLIP, prefix, config.depth)
+        for part in ("weight", "bias"):
+            packed = state.get(f"{prefix}{SIGLIP_IN_PROJ}{part}")
+            if packed is None:
+                raise CheckpointError(f"{weights} lacks {prefix}{SIGLIP_IN_PROJ}{part}")
+            # Misshapen rows are left to the shape check, which names them.
+            ours[f"attn_pool.q.{part}"] = packed[: config.width].float()
+            ours[f"attn_pool.kv.{part}"] = packed[config.width :].float()
+        if ours["pos_embed"].ndim == 2:  # an nn.Embedding's (T, D) table; another rank: named
+            ours["pos_embed"] = ours["pos_embed"][None]
+        return build(ours, config, weights)
+
+
+def config_from_siglip(hf: Any) -> ViTConfig:
+    """A ViTConfig from a SiglipVisionConfig, or a SiglipConfig's vision_config (as dicts).
+    Absent fields take transformers' defaults (SigLIP B/16 at 224 pixels)."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"a config must be a JSON object, got {type(hf).__name__}")
+    if hf.get("model_type") == "siglip":
+        hf = hf.get("vision_config") or {}
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"vision_config must be a JSON object, got {brief(hf)}")
+    if hf.get("vision_use_head", True) is not True:
+        raise CheckpointError("vision_use_head false: a SigLIP tower without its pooling head")
+    width, patch = positive_int(hf, "hidden_size", 768), positive_int(hf, "patch_size", 16)
+    return ViTConfig(
+        image_size=positive_int(hf, "image_size", 224) // patch * patch,
+        patch_size=patch,
+        in_channels=positive_int(hf, "num_channels", 3),
+        num_classes=0,
+        width=width,
+        depth=positive_int(hf, "num_hidden_layers", 12),
+        heads=positive_int(hf, "num_attention_heads", 12),
+        mlp_ratio=mlp_ratio(width, positive_int(hf, "intermediate_size", 3072)),
+        ln_eps=layer_norm_eps(hf, 1e-6),
+        act=activation_from_hf(hf, "gelu_pytorch_tanh"),
+        pool="map",
+        class_token=False,
+        cls_pos_embed=False,
+    )
 
 
 def read_some(weights: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
@@ -356,4 +442,6 @@ READERS: dict[str, Callable[[str | Path], ViT]] = {
     "dinov2_with_registers": from_hf_dinov2,
     "clip": from_hf_clip,
     "clip_vision_model": from_hf_clip,
+    "siglip": from_hf_siglip,
+    "siglip_vision_model": from_hf_siglip,
 }

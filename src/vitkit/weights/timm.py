@@ -58,6 +58,20 @@ TIMM_NAMES = (
     "patch_embed.backbone.stages.{s}.blocks.{i}.downsample.conv.weight",
     "patch_embed.backbone.stages.{s}.blocks.{i}.downsample.norm.weight",
     "patch_embed.backbone.stages.{s}.blocks.{i}.downsample.norm.bias",
+    # The attention-pooling head (SigLIP's MAP).
+    "attn_pool.latent",
+    "attn_pool.q.weight",
+    "attn_pool.q.bias",
+    "attn_pool.kv.weight",
+    "attn_pool.kv.bias",
+    "attn_pool.proj.weight",
+    "attn_pool.proj.bias",
+    "attn_pool.norm.weight",
+    "attn_pool.norm.bias",
+    "attn_pool.mlp.fc1.weight",
+    "attn_pool.mlp.fc1.bias",
+    "attn_pool.mlp.fc2.weight",
+    "attn_pool.mlp.fc2.bias",
     "fc_norm.weight",
     "fc_norm.bias",
     "head.weight",
@@ -69,7 +83,10 @@ _PATTERN = re.compile("|".join(re.sub(r"\\\{[isn]\\\}", r"\\d+", re.escape(n)) f
 # Tensors of architectures vitkit does not build, and what they belong to (for the refusal).
 UNSUPPORTED_TENSORS = (
     (r"\.attn\.[qk]_norm\.", "q/k normalisation (qk_norm)"),
-    (r"^attn_pool\.", "an attention-pooling head (MAP, as in SigLIP)"),
+    (
+        r"^attn_pool\.(?:pos_embed|[qk]_norm)",
+        "an attention pool with position embeddings or qk_norm",
+    ),
     (r"\.mlp\.(?:fc1_[gx]|w12|w3)\.", "a SwiGLU MLP"),
     (
         r"\.attn\.[qv]_bias$",
@@ -89,12 +106,13 @@ DEFAULT_LAYER_SCALE_INIT = 1e-5
 @dataclass(frozen=True)
 class TimmFamily:
     """What a timm architecture's weights leave open, from its registry name: head counts by
-    size, LayerNorm eps, the layer-scale init."""
+    size, LayerNorm eps, the layer-scale init, the activation the weights were trained with."""
 
     pattern: str  # matches the name without its ".tag"; the group "size" keys `heads`
     heads: dict[str, int] = field(default_factory=dict)
     ln_eps: float = 1e-6
     layer_scale_init: float | None = None
+    act: str | None = None  # None: the default (or the name's "_quickgelu_")
 
 
 TIMM_FAMILIES = (
@@ -118,13 +136,20 @@ TIMM_FAMILIES = (
         | {"giant": 16, "gigantic": 16},  # 1408 and 1664 wide: not 64-wide heads
         ln_eps=1e-5,
     ),
+    # SigLIP: attention pooling, no [CLS]. big_vision trained it with GELU's tanh form (as
+    # Hugging Face runs it); timm's models use exact GELU, which `act="gelu"` reproduces.
+    TimmFamily(
+        r"vit_(?P<size>[a-z0-9]+)_patch\d+_siglip_(?:gap_)?\d+",
+        {"base": 12, "large": 16, "so400m": 16, "giantopt": 16},
+        act="gelu_tanh",
+    ),
 )
 # timm's model classes and layers that vitkit builds, and its activations by class name
 # (nn.GELU's tanh form is read off the module).
 TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
 TIMM_LAYERS = {"block": "Block", "attention": "Attention", "MLP": "Mlp"}
 TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
-TIMM_POOLS = {"token": "cls", "avg": "mean"}
+TIMM_POOLS = {"token": "cls", "avg": "mean", "map": "map"}
 
 
 def config_from_timm(state: dict[str, torch.Tensor], **settings: Any) -> ViTConfig:
@@ -179,9 +204,10 @@ def config_from_timm(state: dict[str, torch.Tensor], **settings: Any) -> ViTConf
         norm_pre="norm_pre.weight" in state,
         **{k: v for k, v in resnet.items() if k != "in_channels"},
     )
+    pool = "map" if "attn_pool.latent" in state else "mean" if fc_norm or not class_token else "cls"
     defaults = dict(
         heads=default_heads(width),
-        pool="mean" if fc_norm or not class_token else "cls",
+        pool=pool,
         mean=(0.5,) * channels,
         std=(0.5,) * channels,
         interpolation="bicubic",  # the default_cfg of timm's ViTs
@@ -248,6 +274,8 @@ def family_settings(architecture: str) -> dict[str, Any]:
                 settings["heads"] = family.heads[m["size"]]
             if family.layer_scale_init is not None:
                 settings["layer_scale_init"] = family.layer_scale_init
+            if family.act is not None:
+                settings["act"] = family.act
             break
     return settings
 
@@ -262,6 +290,9 @@ def module_settings(model: nn.Module) -> dict[str, Any]:
             f"timm's {kind} is not a ViT vitkit builds (it converts {', '.join(TIMM_CLASSES)})"
         )
     settings = pool_setting(getattr(model, "global_pool", "token"))
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None and type(attn_pool).__name__ != "AttentionPoolLatent":
+        raise CheckpointError(f"timm's {type(attn_pool).__name__} pool is not one vitkit builds")
     if len(model.blocks):
         block = model.blocks[0]
         layers = {"block": block, "attention": block.attn, "MLP": block.mlp}
@@ -293,7 +324,7 @@ def pool_setting(global_pool: Any) -> dict[str, Any]:
         return {"pool": TIMM_POOLS[global_pool]}
     if global_pool:
         raise CheckpointError(
-            f"timm's global_pool {brief(global_pool)} is not one vitkit builds ([CLS], mean)"
+            f"timm's global_pool {brief(global_pool)} is not one vitkit builds ([CLS], mean, map)"
         )
     return {}
 
