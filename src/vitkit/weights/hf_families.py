@@ -330,13 +330,27 @@ def from_hf_clip(directory: str | Path) -> ViT:
 def config_from_clip(hf: Any) -> ViTConfig:
     """A ViTConfig from a CLIPVisionConfig, or a CLIPConfig's vision_config (as dicts).
     Absent fields take transformers' defaults (OpenAI's ViT-B/32)."""
+    hf = _vision_config(hf, "clip")
+    return _tower_config(hf, 32, 1e-5, "quick_gelu", norm_pre=True)
+
+
+def _vision_config(hf: Any, whole: str) -> dict[str, Any]:
+    """The image tower's config: `hf` itself, or the vision_config of a `whole` model's."""
     if not isinstance(hf, dict):
         raise CheckpointError(f"a config must be a JSON object, got {type(hf).__name__}")
-    if hf.get("model_type") == "clip":
+    if hf.get("model_type") == whole:
         hf = hf.get("vision_config") or {}
         if not isinstance(hf, dict):
             raise CheckpointError(f"vision_config must be a JSON object, got {brief(hf)}")
-    width, patch = positive_int(hf, "hidden_size", 768), positive_int(hf, "patch_size", 32)
+    return hf
+
+
+def _tower_config(
+    hf: dict[str, Any], patch: int, eps: float, act: str, **options: Any
+) -> ViTConfig:
+    """A headless image tower's ViTConfig from a CLIP-style vision config; absent fields take
+    transformers' defaults (`patch`, `eps` and `act` differ by family)."""
+    width, patch = positive_int(hf, "hidden_size", 768), positive_int(hf, "patch_size", patch)
     return ViTConfig(
         image_size=positive_int(hf, "image_size", 224) // patch * patch,
         patch_size=patch,
@@ -346,9 +360,9 @@ def config_from_clip(hf: Any) -> ViTConfig:
         depth=positive_int(hf, "num_hidden_layers", 12),
         heads=positive_int(hf, "num_attention_heads", 12),
         mlp_ratio=mlp_ratio(width, positive_int(hf, "intermediate_size", 3072)),
-        ln_eps=layer_norm_eps(hf, 1e-5),
-        act=activation_from_hf(hf, "quick_gelu"),
-        norm_pre=True,
+        ln_eps=layer_norm_eps(hf, eps),
+        act=activation_from_hf(hf, act),
+        **options,
     )
 
 
@@ -389,30 +403,11 @@ def from_hf_siglip(directory: str | Path) -> ViT:
 def config_from_siglip(hf: Any) -> ViTConfig:
     """A ViTConfig from a SiglipVisionConfig, or a SiglipConfig's vision_config (as dicts).
     Absent fields take transformers' defaults (SigLIP B/16 at 224 pixels)."""
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"a config must be a JSON object, got {type(hf).__name__}")
-    if hf.get("model_type") == "siglip":
-        hf = hf.get("vision_config") or {}
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"vision_config must be a JSON object, got {brief(hf)}")
+    hf = _vision_config(hf, "siglip")
     if hf.get("vision_use_head", True) is not True:
         raise CheckpointError("vision_use_head false: a SigLIP tower without its pooling head")
-    width, patch = positive_int(hf, "hidden_size", 768), positive_int(hf, "patch_size", 16)
-    return ViTConfig(
-        image_size=positive_int(hf, "image_size", 224) // patch * patch,
-        patch_size=patch,
-        in_channels=positive_int(hf, "num_channels", 3),
-        num_classes=0,
-        width=width,
-        depth=positive_int(hf, "num_hidden_layers", 12),
-        heads=positive_int(hf, "num_attention_heads", 12),
-        mlp_ratio=mlp_ratio(width, positive_int(hf, "intermediate_size", 3072)),
-        ln_eps=layer_norm_eps(hf, 1e-6),
-        act=activation_from_hf(hf, "gelu_pytorch_tanh"),
-        pool="map",
-        class_token=False,
-        cls_pos_embed=False,
-    )
+    options = {"pool": "map", "class_token": False, "cls_pos_embed": False}
+    return _tower_config(hf, 16, 1e-6, "gelu_pytorch_tanh", **options)
 
 
 def read_some(weights: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
