@@ -228,6 +228,77 @@ class ViTConfig:
 
 _TUPLE_FIELDS = ("mean", "std", "resnet_layers")
 
+
+@dataclass(frozen=True)
+class TextConfig:
+    """CLIP's text Transformer (Radford et al., 2021): token and position embeddings, causal
+    pre-norm blocks, a final LayerNorm, the end-of-text token's features projected into the
+    space shared with the image tower. Defaults: OpenAI's ViT-B/16 text tower."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    # The joint image-text space: the image tower's head has as many outputs.
+    embed_dim: int = 512
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "quick_gelu"
+    ln_eps: float = 1e-5
+    # The token whose features stand for the text: the first end-of-text token (CLIP's
+    # tokenizer gives it the largest id, which is why OpenAI's code takes the argmax).
+    eot_id: int = 49407
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("mlp_ratio", "ln_eps", "dropout", "attn_dropout"):
+            if not _finite(getattr(self, name)):
+                raise ValueError(f"TextConfig.{name} must be finite")
+        for name, limit in TEXT_LIMITS.items():
+            value = getattr(self, name)
+            if not 0 < value <= limit:
+                raise ValueError(f"TextConfig.{name} must be in 1..{limit:,}, got {brief(value)}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if not 0 <= self.eot_id < self.vocab_size:
+            raise ValueError(f"eot_id {self.eot_id} is not in a vocabulary of {self.vocab_size}")
+        if not 0 < self.mlp_ratio <= MAX_MLP_RATIO or self.mlp_dim < 1:
+            raise ValueError(f"TextConfig.mlp_ratio must be in (0, {MAX_MLP_RATIO}]")
+        if not 0 < self.ln_eps <= 1:
+            raise ValueError(f"TextConfig.ln_eps must be in (0, 1], got {brief(self.ln_eps)}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TextConfig.{name} must be in [0, 1)")
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def layer_scale_init(self) -> None:
+        """The blocks' residual gains: none in CLIP's text tower."""
+        return None
+
+    def replace(self, **overrides: Any) -> TextConfig:
+        return dataclasses.replace(self, **overrides)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TextConfig:
+        """Strict, as `ViTConfig.from_dict`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a text config must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TextConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
 # -- limits ------------------------------------------------------------------------
 # A config.json may come from anyone, so every size is bounded before a model is built: far
 # above any published ViT (ViT-22B: width 6144, depth 48, 48 heads; ImageNet-21k: 21,843
@@ -246,6 +317,15 @@ SIZE_LIMITS = {
 MAX_RESNET_STAGES = 8
 MAX_RESNET_BLOCKS = 256  # per stage; ResNet-152's largest stage has 36
 MAX_MLP_RATIO = 64.0
+# A text tower's sizes (the largest CLIPs: vocabularies of 250,000 tokens, 1280 wide, 36 deep).
+TEXT_LIMITS = {
+    "vocab_size": 1_000_000,
+    "context_length": 8192,
+    "width": 16384,
+    "depth": 1024,
+    "heads": 1024,
+    "embed_dim": 16384,
+}
 # ViT-e (3.9 billion) fits; 4 billion float32 parameters take 16 GB.
 MAX_PARAMS = 4_000_000_000
 
@@ -302,13 +382,13 @@ def _resize_stat(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     return (sum(values) / len(values),) * channels
 
 
-def _check_types(cfg: ViTConfig) -> None:
+def _check_types(cfg: ViTConfig | TextConfig) -> None:
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
         if not is_instance(value, hint):
             raise ValueError(
-                f"ViTConfig.{f.name} must be {type_name(hint)}, got {brief(value)} "
+                f"{type(cfg).__name__}.{f.name} must be {type_name(hint)}, got {brief(value)} "
                 f"({type(value).__name__})"
             )
 
@@ -422,4 +502,4 @@ def get_preset(name: str) -> ViTConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-__all__ = ["PRESETS", "ViTConfig", "get_preset"]
+__all__ = ["PRESETS", "TextConfig", "ViTConfig", "get_preset"]

@@ -3,6 +3,7 @@ directory is a model directory with its training beside it). Every module that r
 these files takes the names from here.
 
     config.json  model.safetensors  labels.json  calibration.safetensors    the model
+    text_config.json  text.safetensors  tokenizer.json          a CLIP's text tower
     train.json   metrics.jsonl      loss.png     accuracy.png               the run
     skipped.txt                                    unreadable files a streamed run passed over
     best/                                          the best model so far (a model directory)
@@ -17,6 +18,11 @@ WEIGHTS_FILE = "model.safetensors"
 LABELS_FILE = "labels.json"
 # Sample training images that int8 inference calibrates on.
 CALIBRATION_FILE = "calibration.safetensors"
+# A CLIP is its image tower's model directory with the text tower beside it: its config, its
+# weights (with the logit scale), and the tokenizer that turns text into its ids.
+TEXT_CONFIG_FILE = "text_config.json"
+TEXT_WEIGHTS_FILE = "text.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
 
 # -- a training run ----------------------------------------------------------------------
 TRAIN_CONFIG_FILE = "train.json"

@@ -22,6 +22,7 @@ from vitkit.cli.optimize import add_optimize_command
 from vitkit.cli.predict import add_predict_command
 from vitkit.cli.serve import add_serve_command
 from vitkit.cli.train import add_train_commands
+from vitkit.cli.train_clip import add_train_clip_command
 from vitkit.runtime import reuse_freed_memory
 from vitkit.weights.format import CheckpointError, one_line
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_command(sub)
     add_create_command(sub)
     add_train_commands(sub)
+    add_train_clip_command(sub)
     add_eval_command(sub)
     add_predict_command(sub)
     add_embed_command(sub)

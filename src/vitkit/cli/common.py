@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vitkit.config import ViTConfig
+from vitkit.infer.zero_shot import DEFAULT_TEMPLATES, read_labels_file, split_labels
 from vitkit.rundir import EVAL_DIR, ONNX_FILE, TRAIN_CONFIG_FILE
 from vitkit.runtime import PRECISIONS
 from vitkit.train import TrainConfig
@@ -74,6 +75,40 @@ def add_precision_argument(p: argparse.ArgumentParser, default: str) -> None:
         "accuracy on this hardware (bf16, or int8 for longer work), fp32: exact; int8 runs "
         "in oneDNN on CPUs with VNNI or AMX, in ONNX Runtime on CPUs with AVX2 only",
     )
+
+
+def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
+    """--labels, --labels-file and --template: classifying with a CLIP by writing labels."""
+    p.add_argument(
+        "--labels",
+        metavar="A,B,...",
+        help='a CLIP model: classify into these comma-separated labels ("cat,dog,a red car")',
+    )
+    p.add_argument(
+        "--labels-file",
+        metavar="FILE",
+        help="a CLIP model: the labels, one per line (or a JSON list)",
+    )
+    p.add_argument(
+        "--template",
+        action="append",
+        metavar="TEXT",
+        help='a prompt with {} for the label (default: "a photo of a {}."); repeat it to '
+        "average several, as CLIP's authors do",
+    )
+
+
+def zero_shot_labels(args: argparse.Namespace) -> list[str] | None:
+    """The labels of --labels or --labels-file, or None when neither is given."""
+    if args.labels is not None and args.labels_file is not None:
+        raise ValueError("give --labels or --labels-file, not both")
+    if args.labels_file is not None:
+        return read_labels_file(args.labels_file)
+    return None if args.labels is None else split_labels(args.labels)
+
+
+def templates(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.template) if args.template else DEFAULT_TEMPLATES
 
 
 def config_overrides(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:

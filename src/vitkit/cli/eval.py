@@ -1,5 +1,6 @@
 """`vitkit eval`: accuracy, per-class accuracy and the confusion matrix on a dataset, by the
-model's head or (--knn) by the nearest training images' features."""
+model's head, (--knn) by the nearest training images' features, or (--zero-shot, a CLIP) by
+the dataset's class names written as text."""
 
 from __future__ import annotations
 
@@ -10,22 +11,27 @@ from pathlib import Path
 from vitkit import data
 from vitkit.cli.common import (
     add_precision_argument,
+    add_zero_shot_arguments,
     default_out,
     note,
+    templates,
     trained_val_fraction,
     training_settings,
+    zero_shot_labels,
 )
 from vitkit.data.sources import open_source, source_kind
 from vitkit.data.stream import decode_all, stream_choice
 from vitkit.evaluate import EvalReport, evaluate, save_report
 from vitkit.infer.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_settings, knn_evaluate
 from vitkit.infer.optimize import optimize
+from vitkit.infer.zero_shot import load_zero_shot
 from vitkit.model.vit import ViT
 from vitkit.rundir import CONFUSION_FILE, REPORT_FILE
 from vitkit.weights.format import load_model, resolve_model_dir
 
 # Where --knn writes its report inside the default output folder, beside the head's.
 KNN_DIR = "knn"
+ZERO_SHOT_DIR = "zero-shot"
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -56,7 +62,8 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=Path,
         metavar="DIR",
         help=f"for {REPORT_FILE} and {CONFUSION_FILE} (default: MODEL_DIR/eval, or ./MODEL.eval "
-        "if the model directory is read-only or shipped; with --knn, its knn/ folder)",
+        "if the model directory is read-only or shipped; with --knn or --zero-shot, its knn/ "
+        "or zero-shot/ folder)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_precision_argument(p, "fp32")
@@ -76,6 +83,13 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         metavar="T",
         help=f"a neighbour's vote weighs exp(similarity / T) (default {DEFAULT_TEMPERATURE})",
     )
+    p.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="a CLIP model: classify by the dataset's class names as text, trained on nothing "
+        "(--labels renames them, in the dataset's class order)",
+    )
+    add_zero_shot_arguments(p)
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -92,16 +106,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.knn:
         return _eval_knn(args, model, directory, fraction)
     dataset = _dataset(args, c.image_size, c.in_channels, fraction, c.crop_pct)
+    if args.zero_shot:
+        model = _zero_shot_model(args, directory, dataset.classes)
+    elif args.labels is not None or args.labels_file is not None or args.template:
+        raise ValueError("--labels, --labels-file and --template go with --zero-shot")
     fast = optimize(model, args.precision, num_images=len(dataset))
     report = evaluate(fast, dataset, batch_size=args.batch_size)
     _note_unreadable(dataset)
-    out = save_report(report, args.out or default_out(directory, "eval"), dataset.classes)
+    out_dir = args.out or default_out(directory, "eval")
+    if args.zero_shot and args.out is None:
+        out_dir = out_dir / ZERO_SHOT_DIR
+    out = save_report(report, out_dir, dataset.classes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_report(report, f"{dataset.name or args.data} {args.split}, {fast.precision}")
+        how = f"zero-shot, {fast.precision}" if args.zero_shot else fast.precision
+        _print_report(report, f"{dataset.name or args.data} {args.split}, {how}")
         print(f"wrote {out / REPORT_FILE} and {out / CONFUSION_FILE}")
     return 0
+
+
+def _zero_shot_model(args: argparse.Namespace, directory: Path, classes: list[str]) -> ViT:
+    """The CLIP in `directory` as a classifier of the dataset's classes, by their names (or
+    the --labels given for them, in the same order)."""
+    labels = zero_shot_labels(args) or classes
+    if len(labels) != len(classes):
+        raise ValueError(
+            f"{len(labels)} labels for a dataset of {len(classes)} classes ({', '.join(classes)})"
+        )
+    model = load_zero_shot(directory, labels, templates(args)).to(args.device)
+    note("eval", f"zero-shot: {len(labels)} labels x {len(templates(args))} template(s)")
+    return model
 
 
 def _eval_knn(args: argparse.Namespace, model: ViT, directory: Path, val_fraction: float) -> int:

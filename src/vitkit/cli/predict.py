@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitkit.cli.common import add_precision_argument, fail, note
+from vitkit.cli.common import (
+    add_precision_argument,
+    add_zero_shot_arguments,
+    fail,
+    note,
+    templates,
+    zero_shot_labels,
+)
 from vitkit.data.folder import printable
 from vitkit.infer.predict import Classifier, expand_inputs
 
@@ -21,6 +28,7 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON lines, one object per image")
     add_precision_argument(p, "auto")
+    add_zero_shot_arguments(p)
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -37,6 +45,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         precision=args.precision,
         num_images=len(paths),
+        labels=zero_shot_labels(args),
+        templates=templates(args),
     )
     failed = False
     for p in classifier.predict_iter(paths, top_k=args.top_k):

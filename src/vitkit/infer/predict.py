@@ -6,7 +6,7 @@ file gives a `Prediction` with `error` set and never stops the others from being
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from vitkit.data.dataset import DatasetError
 from vitkit.data.preprocess import centre_crop, image_extensions, load_image, preprocess
 from vitkit.infer.labels import top_k as top_k_labels
 from vitkit.infer.optimize import optimize
+from vitkit.infer.zero_shot import DEFAULT_TEMPLATES, load_zero_shot
 from vitkit.model.vit import ViT
 from vitkit.weights.format import load_model
 
@@ -59,7 +60,8 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 class Classifier:
-    """A model ready to classify: `Classifier("runs/mnist").predict(["a.png", "photos/"])`."""
+    """A model ready to classify: `Classifier("runs/mnist").predict(["a.png", "photos/"])`;
+    with a CLIP, into labels written as text: `Classifier(clip_dir, labels=["cat", "dog"])`."""
 
     def __init__(
         self,
@@ -68,12 +70,25 @@ class Classifier:
         batch_size: int = 64,
         precision: str = "fp32",
         num_images: int | None = None,
+        labels: Sequence[str] | None = None,
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
     ) -> None:
         """`precision`: "fp32" (exact), "bf16", "int8" or "auto", as in `vitkit.optimize`
-        (`num_images`: how many images are expected, which "auto" weighs)."""
+        (`num_images`: how many images are expected, which "auto" weighs). `labels` (a CLIP
+        directory only) classifies zero-shot, each label put into the prompt `templates`."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        model = model_or_dir if isinstance(model_or_dir, ViT) else load_model(model_or_dir)
+        if labels is not None:
+            if isinstance(model_or_dir, ViT):
+                raise TypeError(
+                    "labels= takes a CLIP directory; for a loaded CLIP, build the classifier "
+                    "with vitkit.infer.zero_shot.zero_shot_model(clip, tokenizer, labels)"
+                )
+            model = load_zero_shot(model_or_dir, labels, templates)
+        elif isinstance(model_or_dir, ViT):
+            model = model_or_dir
+        else:
+            model = load_model(model_or_dir)
         self.device = torch.device(device)
         self.model = optimize(model.to(self.device).eval(), precision, num_images=num_images)
         self.batch_size = batch_size

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.config import ViTConfig
+from vitkit.config import TextConfig, ViTConfig
 
 
 class Attention(nn.Module):
@@ -25,9 +25,12 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         self.heads = heads
+        # Causal (CLIP's text tower): token i attends to tokens 0..i only.
+        self.causal = causal
         self.head_dim = width // heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
@@ -47,13 +50,17 @@ class Attention(nn.Module):
         q, k, v = qkv.to(self.compute_dtype or dtype).unbind(0)  # each (B, heads, T, head_dim)
         weights = None
         if need_weights or explicit_attention(q):
-            weights = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+            scores = q * self.scale @ k.transpose(-2, -1)
+            if self.causal:
+                future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            weights = scores.softmax(dim=-1)
             p = F.dropout(weights, self.attn_dropout, self.training)
             x = p @ v
             weights = weights if need_weights else None
         else:
             p = self.attn_dropout if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
         x = x.transpose(1, 2).reshape(b, t, d).to(dtype)
         return self.proj_drop(self.proj(x)), weights
 
@@ -132,14 +139,22 @@ class Block(nn.Module):
     Its sizes and dropout rates are the config's; `drop_path` is this block's own rate
     (stochastic depth grows with depth, see `ViT`). With `layer_scale_init`, each branch is
     scaled by learnt per-channel gains (`ls1`, `ls2`) before it joins the residual stream.
+    A text tower's blocks are `causal`.
     """
 
-    def __init__(self, config: ViTConfig, drop_path: float) -> None:
+    def __init__(
+        self, config: ViTConfig | TextConfig, drop_path: float, causal: bool = False
+    ) -> None:
         super().__init__()
         c = config
         self.norm1 = nn.LayerNorm(c.width, eps=c.ln_eps)
         self.attn = Attention(
-            c.width, c.heads, qkv_bias=c.qkv_bias, dropout=c.dropout, attn_dropout=c.attn_dropout
+            c.width,
+            c.heads,
+            qkv_bias=c.qkv_bias,
+            dropout=c.dropout,
+            attn_dropout=c.attn_dropout,
+            causal=causal,
         )
         self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
         self.mlp = Mlp(c.width, c.mlp_dim, c.dropout, c.act)

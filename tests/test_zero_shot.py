@@ -1,0 +1,230 @@
+"""Zero-shot classification with a CLIP, and contrastive (LiT, CLIP) training: text labels
+select the right class on a toy model trained here, through the API and the commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.fashion import load_fashion_mnist
+from vitkit import create_model
+from vitkit.cli import main
+from vitkit.data import ImageDataset
+from vitkit.data.captions import captions_from_labels, load_captioned_folder
+from vitkit.infer import Classifier
+from vitkit.infer.zero_shot import (
+    check_labels,
+    check_templates,
+    class_embeddings,
+    read_labels_file,
+    split_labels,
+    zero_shot_model,
+)
+from vitkit.train.contrastive import ContrastiveConfig, contrastive_loss, train_contrastive
+from vitkit.weights import CheckpointError, load_pretrained, save_model
+from vitkit.weights.clip import load_clip
+
+SHADES = ["dark", "grey", "bright"]
+TEMPLATES = ["a photo of a {} square.", "a {} picture."]
+
+
+def shades(n: int, seed: int) -> ImageDataset:
+    """Noisy images of three brightnesses (classes dark, grey, bright), in turn."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    noise = torch.randint(0, 50, (n, 1, 28, 28), generator=gen)
+    pixels = (noise + 100 * labels[:, None, None, None]).to(torch.uint8)
+    return ImageDataset(pixels, labels, list(SHADES), "shades")
+
+
+def small_tower():
+    return create_model("Ti/4@28", seed=0, width=32, heads=2, depth=2, num_classes=3).eval()
+
+
+def small_config(**overrides) -> ContrastiveConfig:
+    settings = {
+        "steps": 80,
+        "batch_size": 48,
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "text_width": 32,
+        "text_depth": 1,
+        "text_heads": 2,
+        "vocab_size": 300,
+    }
+    return ContrastiveConfig(**(settings | overrides))
+
+
+@pytest.fixture(scope="module")
+def lit_dir(tmp_path_factory):
+    """A LiT trained on the shades: a random locked tower, a new text tower."""
+    out = tmp_path_factory.mktemp("lit")
+    pairs = captions_from_labels(shades(300, 0), TEMPLATES)
+    result = train_contrastive(small_tower(), pairs, small_config(), out, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    return out
+
+
+def test_text_labels_select_the_right_class(lit_dir):
+    test = shades(60, 1)
+    classifier = Classifier(lit_dir, labels=SHADES, templates=TEMPLATES)
+    predictions = classifier.predict(test.images)
+    top = [p.labels[0][0] for p in predictions]
+    accuracy = sum(t == SHADES[y] for t, y in zip(top, test.labels.tolist(), strict=True)) / 60
+    assert accuracy >= 0.9
+    # The labels' order is the user's, and the probabilities are a distribution over them.
+    reordered = Classifier(lit_dir, labels=SHADES[::-1], templates=TEMPLATES)
+    assert [p.labels[0][0] for p in reordered.predict(test.images)] == top
+    assert abs(sum(pr for _, pr in predictions[0].labels) - 1) < 1e-5
+
+
+def test_prompt_ensembling_averages_normalised_embeddings(lit_dir):
+    clip, tokenizer_file = load_clip(lit_dir)
+    from vitkit.infer.zero_shot import load_tokenizer
+
+    tokenizer = load_tokenizer(clip, tokenizer_file)
+    both = class_embeddings(clip, tokenizer, SHADES, TEMPLATES)
+    each = [class_embeddings(clip, tokenizer, SHADES, [t]) for t in TEMPLATES]
+    expected = torch.nn.functional.normalize(each[0] + each[1], dim=-1)
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=0)
+    model = zero_shot_model(clip, tokenizer, SHADES, TEMPLATES)
+    assert model.labels == SHADES and model.config.num_classes == 3
+    assert clip.visual.config.num_classes != 3  # the CLIP itself is left as it was
+
+
+def test_predict_and_eval_commands(lit_dir, tmp_path, capsys):
+    test = shades(30, 2)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(test.images[i, 0].numpy()).save(path)
+        paths.append(str(path))
+    args = ["predict", str(lit_dir), *paths, "--labels", "dark, grey,bright", "--json"]
+    args += ["--template", TEMPLATES[0], "--template", TEMPLATES[1], "--precision", "fp32"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["predictions"][0]["label"] for r in rows] == SHADES
+
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("dark\n\ngrey\nbright\n")
+    folder = tmp_path / "data"
+    for i, (image, label) in enumerate(zip(test.images, test.labels, strict=True)):
+        (folder / SHADES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(folder / SHADES[label] / f"{i}.png")
+    out = tmp_path / "eval"
+    args = ["eval", str(lit_dir), "--data", str(folder), "--split", "val", "--zero-shot"]
+    args += ["--val-fraction", "0.5", "--template", TEMPLATES[0], "--out", str(out), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] >= 0.8
+    assert (out / "eval.json").is_file()
+
+
+def test_zero_shot_needs_a_clip(tmp_path, capsys):
+    save_model(small_tower(), tmp_path / "vit")
+    with pytest.raises(CheckpointError, match="zero-shot needs a text tower"):
+        Classifier(tmp_path / "vit", labels=["a", "b"])
+    image = tmp_path / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    assert main(["predict", str(tmp_path / "vit"), str(image), "--labels", "a,b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "zero-shot needs a text tower" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (["cat"], "at least 2 labels"),
+        (["cat", "dog", "cat"], "distinct"),
+        (["cat", " "], "printable line"),
+        (["cat", "a\nb"], "printable line"),
+        ("cat,dog", "list of strings"),
+    ],
+)
+def test_bad_labels_are_refused(labels, match):
+    with pytest.raises(ValueError, match=match):
+        check_labels(labels)
+
+
+@pytest.mark.parametrize("templates", [["no slot"], ["{} and {}"], [], "a {}"])
+def test_bad_templates_are_refused(templates):
+    with pytest.raises(ValueError):
+        check_templates(templates)
+
+
+def test_label_lists(tmp_path):
+    assert split_labels(" cat, dog ,,a red car ") == ["cat", "dog", "a red car"]
+    (tmp_path / "l.json").write_text('["a", "b"]')
+    assert read_labels_file(tmp_path / "l.json") == ["a", "b"]
+    (tmp_path / "bad.json").write_text('{"a": 1}')
+    with pytest.raises(CheckpointError, match="JSON list"):
+        read_labels_file(tmp_path / "bad.json")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(CheckpointError, match="UTF-8"):
+        read_labels_file(tmp_path / "bin.txt")
+
+
+def test_equal_captions_share_their_target():
+    """Two images with the same caption: each caption counts as a positive of both, so the
+    perfectly aligned batch costs only the targets' own entropy."""
+    image = torch.eye(3)[[0, 0, 1]]
+    ids = torch.tensor([[1, 5, 2], [1, 5, 2], [1, 6, 2]])
+    loss = contrastive_loss(image, image, ids, torch.tensor(100.0))
+    floor = (2 / 3) * torch.log(torch.tensor(2.0))  # two rows of entropy log 2, one of 0
+    assert abs(loss.item() - floor.item()) < 1e-3
+
+
+def test_train_clip_on_a_captioned_folder(tmp_path, capsys):
+    """A CLIP from scratch (both towers trained) on image + .txt pairs, through the command;
+    an image without a caption file is left out."""
+    data = shades(24, 3)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {SHADES[label]} square\nsomething {SHADES[label]}\n")
+    (folder / "0.txt").unlink()
+    pairs = load_captioned_folder(folder, 28, 1)
+    assert len(pairs) == 23 and len(pairs.skipped) == 1 and "no caption file" in pairs.skipped[0][1]
+    out = tmp_path / "clip"
+    args = ["train-clip", "--data", str(folder), "--model", "Ti/4@28", "--steps", "3"]
+    args += ["--batch-size", "8", "--text-width", "32", "--text-depth", "1", "--out", str(out)]
+    assert main(args) == 0
+    clip, _ = load_clip(out)
+    assert clip.visual.config.num_classes == clip.visual.config.width
+    summary = json.loads((out / "contrastive.json").read_text())
+    assert summary["pairs"] == 23 and not summary["config"]["lock_image"]
+
+
+def test_a_locked_tower_does_not_change(lit_dir):
+    clip, _ = load_clip(lit_dir)
+    tower = small_tower()
+    state = clip.visual.state_dict()
+    for name, value in tower.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(state[name], value), name
+
+
+@pytest.mark.slow
+def test_lit_on_fashion_mnist_classifies_seen_classes_by_name(tmp_path):
+    """LiT on the shipped model's locked features, 3,000 images of 7 classes: zero-shot
+    against the 7 names on test images of those classes."""
+    train = load_fashion_mnist("train")
+    seen = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Sneaker"]
+    pairs = captions_from_labels(train.subset(torch.arange(4300)), TEMPLATES, seen)
+    tower = load_pretrained("fashion-mnist")
+    pairs.images = torch.nn.functional.interpolate(pairs.images.float(), size=32).byte()
+    config = ContrastiveConfig(steps=150, batch_size=128, text_width=64, text_depth=2)
+    result = train_contrastive(tower, pairs, config, progress=False)
+    test = load_fashion_mnist("test")
+    keep = torch.isin(test.labels, torch.tensor([test.classes.index(c) for c in seen]))
+    model = zero_shot_model(result.clip, result.tokenizer, test.classes, TEMPLATES)
+    classifier = Classifier(model)
+    images = torch.nn.functional.interpolate(test.images[keep][:700].float(), size=32).byte()
+    top = [p.labels[0][0] for p in classifier.predict(images)]
+    truth = [test.classes[i] for i in test.labels[keep][:700].tolist()]
+    accuracy = sum(a == b for a, b in zip(top, truth, strict=True)) / len(truth)
+    assert accuracy >= 0.85
