@@ -106,3 +106,17 @@ def test_the_cpu_runtimes_run_the_same_model() -> None:
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         else:
             assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.8, (impl, mode)
+
+
+@pytest.mark.parametrize("preset", list(benchmark.TIMM_FAMILY_NAMES))
+def test_families_are_timed_against_timms_own_architecture(timm, preset) -> None:
+    """DINOv2 and CLIP are compared with timm's model of that name, holding the same weights
+    (shrunk to two blocks: the layers, not the depth, are what must match)."""
+    from vitkit.model.factory import create_model
+
+    model = create_model(preset, num_classes=10, seed=0, depth=2, image_size=112).eval()
+    name = benchmark.TIMM_FAMILY_NAMES[preset]
+    theirs = benchmark.timm_model(model, name).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=0)

@@ -150,6 +150,7 @@ def test_hugging_face_backbone_without_head(transformers, tmp_path):
         {"pool": "mean", "class_token": False},
         {"num_registers": 2},
         {"resnet_layers": (1,), "patch_size": 4},
+        {"mlp": "swiglu"},
     ],
 )
 def test_models_hugging_face_cannot_express_are_refused(tmp_path, overrides):

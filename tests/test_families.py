@@ -1,6 +1,8 @@
 """The ViTs people start from, as options of the one model: DeiT (distilled too), DeiT-III,
-DINOv2 (with registers) and CLIP's image tower, each against timm's model of it."""
+DINOv2 (with registers; the giant's SwiGLU MLP), MAE and CLIP's image tower, each against
+timm's model of it."""
 
+import functools
 import json
 import math
 
@@ -30,6 +32,15 @@ FAMILIES = {
         56,
         {"num_registers": 4, "cls_pos_embed": False, "layer_scale_init": 1e-5},
     ),
+    # The giant's blocks (SwiGLUPacked, SiLU, its mlp_ratio), narrowed in FAMILY_ARGS: fc1
+    # gives int(384 * 2.66667 * 2) = 2048 outputs, a gate and a value of 1024 units each.
+    "dinov2-giant": (
+        "vit_giant_patch14_dinov2",
+        56,
+        {"mlp": "swiglu", "mlp_dim": 1024, "layer_scale_init": 1e-5, "num_classes": 0},
+    ),
+    # MAE's pretrained encoder: the plain ViT, [CLS] pooled, no head.
+    "mae": ("vit_base_patch16_224.mae", 32, {"num_classes": 0, "pool": "cls", "fc_norm": False}),
     # timm's default tag for the plain name (laion2b) was trained with GELU.
     "clip": ("vit_base_patch16_clip_224", 64, {"norm_pre": True, "ln_eps": 1e-5, "act": "gelu"}),
     "clip-quickgelu": (
@@ -38,6 +49,8 @@ FAMILIES = {
         {"norm_pre": True, "ln_eps": 1e-5, "act": "quick_gelu", "num_classes": 512},
     ),
 }
+# timm model arguments beyond depth and image size, where a family needs them.
+FAMILY_ARGS = {"dinov2-giant": {"embed_dim": 384, "num_heads": 6}}
 # The presets and the timm models (with their pretrained_cfg) they describe.
 PRESET_MODELS = {
     "DeiT-S/16": "deit_small_patch16_224",
@@ -74,7 +87,7 @@ def _timm_model(timm, name: str, size: int, **kw):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_timm_parity_at_native_and_new_resolution(timm, family):
     name, size, options = FAMILIES[family]
-    ref = _timm_model(timm, name, size)
+    ref = _timm_model(timm, name, size, **FAMILY_ARGS.get(family, {}))
     model = from_timm(ref)
     c = model.config
     assert {k: getattr(c, k) for k in options} == options
@@ -127,7 +140,7 @@ def test_converted_model_round_trips_through_save_and_load(timm, tmp_path):
 def test_new_fields_default_to_the_papers_vit_and_are_checked():
     # A config.json written before these options existed loads as the paper's ViT.
     old = ViTConfig().to_dict()
-    for key in ("distilled", "layer_scale_init", "norm_pre", "act"):
+    for key in ("distilled", "layer_scale_init", "norm_pre", "act", "mlp"):
         del old[key]
     assert ViTConfig.from_dict(old) == ViTConfig()
     bad = [
@@ -135,6 +148,9 @@ def test_new_fields_default_to_the_papers_vit_and_are_checked():
         ({"layer_scale_init": math.nan}, "layer_scale_init must be finite"),
         ({"layer_scale_init": "1e-5"}, "layer_scale_init must be"),
         ({"act": "relu"}, "act must be"),
+        ({"mlp": "geglu"}, "mlp must be"),
+        ({"mlp": "swiglu", "act": "quick_gelu"}, "a SwiGLU MLP's is SiLU"),
+        ({"mlp": "swiglu", "pool": "map", "class_token": False}, "not a model vitkit builds"),
         ({"norm_pre": 1}, "norm_pre must be bool"),
         ({"distilled": True, "pool": "mean"}, "distilled=True .* needs pool='cls'"),
         ({"distilled": True, "class_token": False}, "pool='cls' needs class_token"),
@@ -156,7 +172,12 @@ ALL_OPTIONS = {
 
 
 @pytest.mark.parametrize(
-    "overrides", [ALL_OPTIONS, {**ALL_OPTIONS, "cls_pos_embed": True, "act": "gelu_tanh"}]
+    "overrides",
+    [
+        ALL_OPTIONS,
+        {**ALL_OPTIONS, "cls_pos_embed": True, "act": "gelu_tanh"},
+        {**ALL_OPTIONS, "act": "gelu", "mlp": "swiglu"},
+    ],
 )
 def test_options_train_explain_and_resample(overrides):
     model = create_model("Ti/4@28", depth=2, drop_path=0.0, **overrides)
@@ -238,7 +259,6 @@ def test_head_counts_come_from_the_source(timm, tmp_path):
     ("name", "kwargs", "message"),
     [
         ("eva02_tiny_patch14_224", {}, r"timm's Eva is not a ViT vitkit builds"),
-        ("vit_giant_patch14_dinov2", {"depth": 1}, r"timm's GluMlp MLP is not one vitkit builds"),
         ("vit_small_patch16_224", {"depth": 1, "global_pool": "prr"}, r"global_pool 'prr'"),
         ("vit_small_patch16_224", {"depth": 1, "qk_norm": True}, "q_norm"),
     ],
@@ -254,7 +274,6 @@ def test_unsupported_timm_models_refused_by_name(timm, name, kwargs, message):
     ("name", "kwargs", "message"),
     [
         ("eva02_tiny_patch14_224", {}, r"q and v biases .*EVA.*: unsupported tensors"),
-        ("vit_giant_patch14_dinov2", {"depth": 1}, r"a SwiGLU MLP"),
         ("vit_small_patch16_224", {"depth": 1, "reg_tokens": 2}, "position embeddings for regist"),
     ],
 )
@@ -275,3 +294,94 @@ def test_hugging_face_export_refuses_what_its_vit_lacks(tmp_path, option):
     model = create_model("Ti/4@28", depth=1, num_classes=3, **option)
     with pytest.raises(CheckpointError, match="cannot be exported"):
         to_hf(model, tmp_path / "hf")
+
+
+# -- SwiGLU (DINOv2's giant) and MAE ---------------------------------------------------------
+@pytest.mark.parametrize("name", ["vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2"])
+def test_dinov2_giant_config_is_timms_model(timm, name):
+    with torch.device("meta"):  # 1.1 billion parameters: shapes only
+        ref = timm.create_model(name, pretrained=False)
+    config = config_from_timm(ref.state_dict(), **module_settings(ref))
+    assert (config.mlp, config.mlp_dim, config.width, config.depth, config.heads) == (
+        "swiglu",
+        4096,
+        1536,
+        40,
+        24,
+    )
+    assert count_params(config) == sum(p.numel() for p in ref.parameters()) > 1_136_000_000
+    # SwiGLU's three matrices: half as much again as a plain MLP of as many units.
+    plain = config.replace(mlp="mlp")
+    tokens = config.num_patches + config.num_prefix_tokens
+    assert flops(config) - flops(plain) == 2 * config.depth * tokens * config.width * 4096
+
+
+def test_swiglu_model_round_trips_through_save_and_load(timm, tmp_path):
+    ref = _timm_model(timm, "vit_giant_patch14_dinov2", 28, embed_dim=96, num_heads=2)
+    model = from_timm(ref)
+    save_model(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["mlp"] == "swiglu"
+    back = load_model(tmp_path / "m")
+    assert back.config == model.config
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=0, rtol=0)
+        assert_close(back(x), ref(x))
+
+
+def test_swiglu_layers_vitkit_does_not_build_are_refused(timm):
+    layers = timm.layers
+    refused = [
+        # A GLU whose tensors would load but compute something else: the gate last, or GELU.
+        (layers.GluMlp, torch.nn.SiLU, r"GluMlp with SiLU, gate last"),
+        (functools.partial(layers.GluMlp, gate_last=False), torch.nn.GELU, r"GluMlp with GELU"),
+        (layers.SwiGLU, torch.nn.SiLU, r"timm's SwiGLU MLP is not one vitkit builds"),
+    ]
+    for mlp_layer, act_layer, message in refused:
+        with torch.device("meta"):
+            ref = timm.create_model(
+                "vit_small_patch16_224", depth=1, mlp_layer=mlp_layer, act_layer=act_layer
+            )
+        with pytest.raises(CheckpointError, match=message):
+            from_timm(ref)
+    # timm's unpacked SwiGLU, from its tensors alone.
+    with pytest.raises(CheckpointError, match=r"SwiGLU MLP laid out otherwise .*fc1_g"):
+        config_from_timm(ref.state_dict())
+
+
+@pytest.mark.parametrize("fine_tuned", [False, True])
+def test_mae_checkpoint_loads_without_its_decoder(timm, tmp_path, fine_tuned):
+    from timm.models._hub import save_config_for_hf
+
+    # timm's MAE weights are the pretrained encoder, [CLS] pooled; MAE's fine-tuned models
+    # average the patch tokens and normalise after pooling (fc_norm), under a head.
+    kw = {"global_pool": "avg", "num_classes": 5} if fine_tuned else {}
+    ref = _timm_model(timm, "vit_base_patch16_224.mae", 32, **kw)
+    state = ref.state_dict()
+    save_config_for_hf(ref, tmp_path / "config.json")
+    # Meta's pretraining checkpoints keep the decoder beside the encoder; vitkit drops it.
+    decoder = {
+        "mask_token": torch.zeros(1, 1, 16),
+        "decoder_embed.weight": torch.zeros(16, 768),
+        "decoder_embed.bias": torch.zeros(16),
+        "decoder_pos_embed": torch.zeros(1, 5, 16),
+        "decoder_blocks.0.attn.qkv.weight": torch.zeros(48, 16),
+        "decoder_blocks.0.mlp.fc1.weight": torch.zeros(64, 16),
+        "decoder_norm.weight": torch.ones(16),
+        "decoder_pred.weight": torch.zeros(768, 16),
+    }
+    save_file(state | decoder, tmp_path / "model.safetensors")
+    model = from_timm(tmp_path / "model.safetensors")
+    c = model.config
+    want = (5, "mean", True) if fine_tuned else (0, "cls", False)
+    assert (c.num_classes, c.pool, c.fc_norm) == want
+    assert (c.mean, c.std, c.crop_pct) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.9)
+    assert count_params(model) == sum(p.numel() for p in ref.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model.forward_features(x), ref.forward_features(x))
+        assert_close(model(x), ref(x))
+    # Only the decoder's names are dropped: any other stray tensor is still refused.
+    save_file(state | {"decoder_extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unsupported tensors decoder_extra.weight"):
+        from_timm(tmp_path / "model.safetensors")

@@ -1,5 +1,5 @@
-"""Hugging Face DINOv2 and CLIP image towers: parity with transformers (random weights, small
-models), preprocessing, and what is refused by name."""
+"""Hugging Face DINOv2 (the giant's SwiGLU MLP too) and CLIP image towers: parity with
+transformers (random weights, small models), preprocessing, and what is refused by name."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from vitkit import PRESETS, CheckpointError
 from vitkit.data.preprocess import centre_crop, load_image, normalize, to_float
+from vitkit.model import count_params
 from vitkit.weights import guess_format, load_pretrained
 from vitkit.weights.hf_families import (
     CLIP_PREPROCESSING,
@@ -106,6 +107,47 @@ def test_dinov2_with_registers_resamples_position_embeddings_as_transformers(
     x = _images(42)
     with torch.no_grad():
         _close(model.forward_features(x), ref(pixel_values=x).last_hidden_state)
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_dinov2_swiglu_tokens_and_pooled_features_match(transformers, tmp_path, registers):
+    # Two thirds of 64 x 2 units, rounded up to a multiple of 8: 85 -> 88. hidden_act is
+    # ignored by transformers' SwiGLU, which is SiLU whatever it says.
+    kw = {"use_swiglu_ffn": True, "hidden_act": "gelu_pytorch_tanh"}
+    ref = _randomise(_dinov2(transformers, registers, **kw))
+    directory = _saved(ref, tmp_path / "hf")
+    model = load_pretrained(directory)
+    c = model.config
+    assert (c.mlp, c.mlp_dim, c.act, c.num_registers) == ("swiglu", 88, "gelu", 3 * registers)
+    assert model.blocks[0].mlp.fc1.weight.shape == (2 * 88, 64)
+    # Less the mask token, and with registers [CLS]'s position embedding, folded into [CLS].
+    theirs = sum(p.numel() for n, p in ref.named_parameters() if "mask_token" not in n)
+    assert sum(p.numel() for p in model.parameters()) == theirs - 64 * registers
+    x = _images()
+    with torch.no_grad():
+        out = ref(pixel_values=x)
+        _close(model.forward_features(x), out.last_hidden_state)
+        _close(model(x), out.pooler_output)
+    # A file whose MLP is not the SwiGLU its config.json says is named.
+    plain = _saved(_dinov2(transformers, registers), tmp_path / "plain")
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps(config | {"use_swiglu_ffn": True}))
+    with pytest.raises(CheckpointError, match=r"lacks .*mlp\.weights_in"):
+        load_pretrained(plain)
+
+
+def test_dinov2_giant_config_counts_transformers_parameters(transformers, timm):
+    """facebook/dinov2-giant's config.json fields (the rest transformers' defaults): the
+    parameter count of transformers' model (less its pretraining mask token) and timm's."""
+    giant = {"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24}
+    giant |= {"image_size": 518, "patch_size": 14, "use_swiglu_ffn": True}
+    config = config_from_dinov2({"model_type": "dinov2", **giant})[0]
+    assert (config.mlp, config.mlp_dim) == ("swiglu", 4096)
+    with torch.device("meta"):  # 1.1 billion parameters: shapes only
+        ref = transformers.Dinov2Model(transformers.Dinov2Config(**giant))
+        theirs = sum(p.numel() for n, p in ref.named_parameters() if "mask_token" not in n)
+        timms = timm.create_model("vit_giant_patch14_dinov2", pretrained=False)
+    assert count_params(config) == theirs == sum(p.numel() for p in timms.parameters())
 
 
 def test_dinov2_backbone_of_a_headless_classifier_loads(transformers, tmp_path):
@@ -274,12 +316,6 @@ def test_preprocessing_from_the_image_processor(transformers, tmp_path, family):
 
 
 # -- what is refused ----------------------------------------------------------------------
-def test_dinov2_swiglu_is_refused_by_name(transformers, tmp_path):
-    directory = _saved(_dinov2(transformers, False, use_swiglu_ffn=True), tmp_path / "hf")
-    with pytest.raises(CheckpointError, match=r"config.json: use_swiglu_ffn: .*SwiGLU"):
-        load_pretrained(directory)
-
-
 def test_classification_heads_vitkit_cannot_pool_are_refused(transformers, tmp_path):
     config = transformers.Dinov2Config(**SMALL, patch_size=14, mlp_ratio=2, num_labels=3)
     directory = _saved(transformers.Dinov2ForImageClassification(config), tmp_path / "d")
@@ -310,6 +346,8 @@ def test_config_fields_are_checked_and_named(transformers, tmp_path):
     bad = [
         ({"hidden_act": "relu"}, "hidden_act 'relu'"),
         ({"mlp_ratio": "4"}, "mlp_ratio"),
+        ({"use_swiglu_ffn": "yes"}, "use_swiglu_ffn must be true or false"),
+        ({"use_swiglu_ffn": True, "mlp_ratio": 1e9}, r"ViTConfig\.mlp_ratio must be in"),
         ({"hidden_size": 96}, r"model.safetensors does not match config.json"),
     ]
     for change, named in bad:

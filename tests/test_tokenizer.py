@@ -167,7 +167,8 @@ def test_trained_tokenizer_layout(trained):
         assert trained.sot_id not in row[1:n] and trained.eot_id not in row[1 : n - 1], caption
         body = row[1 : n - 1]
         if caption is not LONG:  # byte-level: every text comes back, normalised, none unknown
-            assert trained.backend.decode(body).strip() == " ".join(caption.lower().split())
+            # Spaces between words are not kept (see train_tokenizer).
+            assert trained.backend.decode(body) == "".join(caption.lower().split())
             # The file's post-processor gives Hugging Face users the same layout.
             assert trained.backend.encode(caption).ids == row[:n]
     assert ids[-1, -1] == trained.eot_id  # LONG, cut

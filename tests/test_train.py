@@ -57,6 +57,12 @@ def test_no_decay_on_norms_biases_embeddings_tokens():
     assert {"pos_embed", "cls_token", "norm.weight", "head.bias", "blocks.0.norm1.bias"} <= spared
     decayed = {names[id(p)] for p in decay["params"]}
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"} <= decayed
+    # SigLIP's attention pool: its probe is a token, its projections are weights.
+    pooled = create_model("Ti/4@28", depth=1, pool="map", class_token=False)
+    decay, no_decay = param_groups(pooled, 0.05)
+    names = {id(p): n for n, p in pooled.named_parameters()}
+    assert "attn_pool.latent" in {names[id(p)] for p in no_decay["params"]}
+    assert "attn_pool.kv.weight" in {names[id(p)] for p in decay["params"]}
 
 
 @pytest.mark.slow

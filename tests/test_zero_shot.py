@@ -228,3 +228,11 @@ def test_lit_on_fashion_mnist_classifies_seen_classes_by_name(tmp_path):
     truth = [test.classes[i] for i in test.labels[keep][:700].tolist()]
     accuracy = sum(a == b for a, b in zip(top, truth, strict=True)) / len(truth)
     assert accuracy >= 0.85
+
+
+def test_info_describes_both_towers(lit_dir, capsys):
+    assert main(["info", str(lit_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "CLIP text tower: 32w x 1 blocks x 2 heads" in out and "image embedding 32-d" in out
+    assert main(["info", str(lit_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text_config"]["width"] == 32

@@ -40,6 +40,7 @@ from vitkit.infer.optimize import optimize
 from vitkit.model.factory import create_model
 from vitkit.model.vit import ViT, flops
 from vitkit.runtime import auto_bf16, cpu_flags, cpu_name, fast_precisions
+from vitkit.weights.format import CheckpointError, one_line
 from vitkit.weights.hf import to_hf
 from vitkit.weights.timm import to_timm
 
@@ -54,6 +55,12 @@ TIMM_NAMES = {
     "Ti/16": "vit_tiny_patch16_224",
     "S/16": "vit_small_patch16_224",
     "B/16": "vit_base_patch16_224",
+}
+# Families timed against timm's own model of the same architecture (`--models` takes them):
+# DINOv2's layer scale at 518 px, OpenAI CLIP's image tower (norm before the blocks, QuickGELU).
+TIMM_FAMILY_NAMES = {
+    "DINOv2-S/14": "vit_small_patch14_dinov2",
+    "CLIP-B/16": "vit_base_patch16_clip_quickgelu_224",
 }
 # Training presets timed by default (the Fashion-MNIST preset and S/16) and their batches;
 # other presets train at batch 32 unless --train-batch says otherwise.
@@ -236,8 +243,16 @@ def _torchvision_ops_load() -> bool:
     return False
 
 
-def timm_model(model: ViT) -> nn.Module:
+def timm_model(model: ViT, name: str | None = None) -> nn.Module:
+    """timm's model with `model`'s weights: the architecture `name` (a family's), else
+    timm's plain VisionTransformer of the same shape."""
     c = model.config
+    if name is not None:
+        net = import_timm().create_model(
+            name, pretrained=False, num_classes=c.num_classes, img_size=c.image_size, depth=c.depth
+        )
+        net.load_state_dict(to_timm(model))
+        return net
     net = import_timm().models.VisionTransformer(
         img_size=c.image_size,
         patch_size=c.patch_size,
@@ -276,23 +291,26 @@ class _Logits(nn.Module):
         return self.net(pixel_values=x).logits
 
 
-def peers(model: ViT) -> dict[str, nn.Module]:
-    """The peer implementations installed here, each with `model`'s weights, on its device."""
+def peers(model: ViT, timm_name: str | None = None) -> dict[str, nn.Module]:
+    """The peer implementations installed here, each with `model`'s weights, on its device
+    (`timm_name`: timm's architecture for a family's model; Hugging Face's ViT takes plain
+    ViTs only)."""
     device = next(model.parameters()).device
     # The converters read and write weights on the CPU.
     source = model if device.type == "cpu" else copy.deepcopy(model).cpu()
+    builders = {"timm": lambda m: timm_model(m, timm_name), "hf": hf_model}
     out = {}
-    for name, build in (("timm", timm_model), ("hf", hf_model)):
+    for name, build in builders.items():
         try:
             out[name] = build(source).eval().to(device)
-        except ImportError as e:
-            print(f"  ({name} skipped: {e})")
+        except (ImportError, CheckpointError) as e:
+            print(f"  ({name} skipped: {one_line(str(e))[:120]})")
     return out
 
 
 # -- inference ------------------------------------------------------------------------------
 def inference_modes(
-    model: ViT, batch: int, compiled: bool = False
+    model: ViT, batch: int, compiled: bool = False, timm_name: str | None = None
 ) -> Iterator[tuple[str, str, Callable, float]]:
     """(impl, mode, fn, setup seconds) for every implementation and precision measured, on
     the device `model` lives on. On a GPU, vitkit's bf16 is also measured compiled; on a CPU,
@@ -320,7 +338,7 @@ def inference_modes(
             yield "vitkit", "bf16-compiled", _compiled(net.net), 0.0
     if device.type == "cpu":
         yield from runtime_modes(model)
-    for impl, net in peers(model).items():
+    for impl, net in peers(model, timm_name).items():
         yield impl, "fp32", net, 0.0
         if "bf16" not in fast:
             continue
@@ -410,7 +428,8 @@ def bench_inference(
     runs: dict[tuple[str, str], Callable] = {}
     setup: dict[tuple[str, str], float] = {}
     with torch.inference_mode():
-        for impl, mode, fn, seconds in inference_modes(model, batch, compiled):
+        modes = inference_modes(model, batch, compiled, TIMM_FAMILY_NAMES.get(preset))
+        for impl, mode, fn, seconds in modes:
             seconds += _seconds(lambda fn=fn: fn(x), device)  # first call compiles, if any
             fn(x)
             runs[impl, mode], setup[impl, mode] = fn, seconds

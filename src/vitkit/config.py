@@ -54,6 +54,12 @@ class ViTConfig:
     # The MLP's nonlinearity: exact GELU (the paper), its tanh approximation, or OpenAI CLIP's
     # QuickGELU, x * sigmoid(1.702 x).
     act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    # The MLP: the paper's, fc2(act(fc1(x))), or SwiGLU (Shazeer, 2020; DINOv2's giant),
+    # fc2(silu(gate) * value), with the gate's and the value's rows packed in fc1 (gate first,
+    # as timm's SwiGLUPacked and DINOv2's weights_in). mlp_ratio counts the units fc2 reads
+    # (mlp_dim), so a SwiGLU fc1 has twice as many outputs. Its nonlinearity is SiLU: `act`
+    # speaks of the paper's MLP only and stays "gelu", so that one model has one config.
+    mlp: Literal["mlp", "swiglu"] = "mlp"
     # Preprocessing travels with the weights, so prediction normalises as training did.
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -118,6 +124,15 @@ class ViTConfig:
             raise ValueError(
                 "pool='cls' needs class_token=True; use pool='mean' or 'map' without one"
             )
+        if self.mlp == "swiglu" and self.act != "gelu":
+            raise ValueError(
+                f"ViTConfig.act {brief(self.act)} is the plain MLP's nonlinearity; a SwiGLU "
+                "MLP's is SiLU: leave act at 'gelu'"
+            )
+        if self.mlp == "swiglu" and self.pool == "map":
+            # timm's attention pool keeps a plain MLP whatever its blocks have; no published
+            # model pairs the two, so vitkit does not guess which one it would be.
+            raise ValueError("mlp='swiglu' with pool='map' is not a model vitkit builds")
         if self.distilled and self.pool != "cls":
             raise ValueError(
                 "distilled=True reads [CLS] and the distillation token: it needs pool='cls'"
@@ -172,6 +187,7 @@ class ViTConfig:
 
     @property
     def mlp_dim(self) -> int:
+        """The MLP's hidden units: fc1's outputs, or a SwiGLU's gate (and value) units."""
         return int(self.width * self.mlp_ratio)
 
     # -- construction and serialisation -----------------------------------------
@@ -285,8 +301,11 @@ class TextConfig:
     def replace(self, **overrides: Any) -> TextConfig:
         return dataclasses.replace(self, **overrides)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, d: Any) -> TextConfig:

@@ -20,6 +20,7 @@ from vitkit.cli.info import add_info_command
 from vitkit.cli.models import add_models_command
 from vitkit.cli.optimize import add_optimize_command
 from vitkit.cli.predict import add_predict_command
+from vitkit.cli.search import add_search_command
 from vitkit.cli.serve import add_serve_command
 from vitkit.cli.train import add_train_commands
 from vitkit.cli.train_clip import add_train_clip_command
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(sub)
     add_predict_command(sub)
     add_embed_command(sub)
+    add_search_command(sub)
     add_explain_command(sub)
     add_export_command(sub)
     add_optimize_command(sub)

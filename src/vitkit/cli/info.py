@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from vitkit import weights
 from vitkit.cli.common import describe_patches
+from vitkit.config import TextConfig
 from vitkit.data.folder import printable
 from vitkit.model import count_params, flops
-from vitkit.weights.format import resolve_model_dir
+from vitkit.rundir import TEXT_CONFIG_FILE
+from vitkit.weights.format import read_json, resolve_model_dir
 
 
 def add_info_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,6 +35,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "labels": model.labels,
         "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()},
     }
+    text = _text_tower(directory)
+    if text is not None:
+        info["text_config"] = text.to_dict()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -40,15 +46,30 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{describe_patches(cfg)}, {cfg.image_size}px, {cfg.in_channels} channel(s)"
     )
     print(f"  parameters {info['parameters']:,}   GFLOPs {info['gflops']}")
-    print(
-        f"  classes {cfg.num_classes}: "
-        + (printable(", ".join(model.labels)) if model.labels else "(unnamed)")
-    )
+    if text is not None:  # a CLIP: the head projects into the joint space, no classes
+        print(f"  image embedding {cfg.num_classes}-d")
+    else:
+        print(
+            f"  classes {cfg.num_classes}: "
+            + (printable(", ".join(model.labels)) if model.labels else "(unnamed)")
+        )
     print(f"  pool {cfg.pool}, registers {cfg.num_registers}")
     print(
         f"  preprocessing: {cfg.interpolation} resize, crop_pct {cfg.crop_pct}, "
         f"mean {cfg.mean}, std {cfg.std}"
     )
+    if text is not None:
+        print(
+            f"  CLIP text tower: {text.width}w x {text.depth} blocks x {text.heads} heads, "
+            f"{text.vocab_size:,} tokens, context {text.context_length}, joint space "
+            f"{text.embed_dim}-d (zero-shot: vitkit predict MODEL IMAGE --labels a,b,c)"
+        )
     if cfg.source:
         print(f"  from {cfg.source}")
     return 0
+
+
+def _text_tower(directory: Path) -> TextConfig | None:
+    """A vitkit CLIP directory's text tower config (None for an image model)."""
+    path = directory / TEXT_CONFIG_FILE
+    return TextConfig.from_dict(read_json(path)) if path.is_file() else None

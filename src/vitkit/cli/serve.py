@@ -85,6 +85,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="time to send a whole request body, else 408, so a client that trickles its "
         "body cannot hold a connection (default 10: a 16 MiB upload at 13 Mbit/s)",
     )
+    p.add_argument(
+        "--max-prompts",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="for a CLIP: most prompts (labels x templates) a /v1/zero-shot request may have "
+        "embedded; beyond it: 400 (default 1,000; a label set is embedded once, then cached)",
+    )
     p.add_argument("--device", default="cpu")
     add_precision_argument(p, "auto")
     p.add_argument(
@@ -111,6 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return fail("serve", str(e))
     if args.max_connections < 1:
         return fail("serve", f"--max-connections must be at least 1, got {args.max_connections}")
+    if args.max_prompts < 2:
+        return fail("serve", f"--max-prompts must be at least 2, got {args.max_prompts}")
     # Heavy (FastAPI and uvicorn load in about a second): imported when this command runs.
     import uvicorn
 
@@ -132,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_timeout_s=args.read_timeout,
         compile=not args.no_compile,
         compiled_dir=args.compiled,
+        max_prompts=args.max_prompts,
     )
     try:
         sock = _listen(args.host, args.port)

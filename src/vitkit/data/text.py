@@ -155,7 +155,8 @@ class Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
-    """A new byte-level BPE trained on `texts` (lower-cased, NFC, whitespace collapsed), with
+    """A new byte-level BPE over words and punctuation, trained on `texts` (lower-cased, NFC,
+    whitespace collapsed), with
     `vocab_size` ids at most, of which the last two are "<|startoftext|>" and "<|endoftext|>".
     The same texts give the same tokenizer."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
@@ -177,9 +178,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
             normalizers.Strip(),
         ]
     )
-    # GPT-2's scheme: a word carries its leading space, so "cat" is one token wherever it is;
-    # every byte is in the vocabulary, so no text is ever unknown.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    # Words and punctuation split apart, then bytes (every byte is in the vocabulary, so no
+    # text is ever unknown). No space marker is kept (unlike GPT-2's): "shirt" is one token
+    # whether it follows a space, a hyphen or a slash, so a name never captioned can still be
+    # read through the parts it shares with those that were ("shirt" in "T-shirt/top"). The
+    # ids feed a text tower; decoding them loses the spaces between words.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Whitespace(),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 2,

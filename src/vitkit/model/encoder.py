@@ -102,6 +102,33 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+class SwiGLU(nn.Module):
+    """fc2(silu(gate) * value) (Shazeer, 2020; DINOv2's giant), `hidden` units wide.
+
+    fc1 packs the gate's rows, then the value's, so that timm's SwiGLUPacked and the
+    weights_in of DINOv2 (Meta's and transformers' files) load as they are.
+    """
+
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * hidden)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.drop(self.fc2(self.drop(self.act(gate) * value)))
+
+
+def block_mlp(config: ViTConfig | TextConfig) -> nn.Module:
+    """A block's MLP: SwiGLU where a ViTConfig asks for one (text towers have none)."""
+    c = config
+    if isinstance(c, ViTConfig) and c.mlp == "swiglu":
+        return SwiGLU(c.width, c.mlp_dim, c.dropout)
+    return Mlp(c.width, c.mlp_dim, c.dropout, c.act)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a sample's whole residual branch, rescaling the survivors."""
 
@@ -157,7 +184,7 @@ class Block(nn.Module):
             causal=causal,
         )
         self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
-        self.mlp = Mlp(c.width, c.mlp_dim, c.dropout, c.act)
+        self.mlp = block_mlp(c)
         init = c.layer_scale_init
         self.ls1 = LayerScale(c.width, init) if init is not None else nn.Identity()
         self.ls2 = LayerScale(c.width, init) if init is not None else nn.Identity()

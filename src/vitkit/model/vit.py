@@ -272,7 +272,8 @@ def flops(config: ViTConfig, image_size: int | None = None) -> int:
     patch = n * d * c.cnn_channels * c.patch_size**2
     if c.resnet_layers is not None:
         patch += resnet_macs(c.in_channels, c.resnet_layers, c.resnet_width, c.resnet_stem, size)
-    per_block = t * (3 * d * d + d * d + 2 * d * m) + 2 * t * t * d  # projections + QK^T, AV
+    mlp = (3 if c.mlp == "swiglu" else 2) * d * m  # SwiGLU: gate, value and fc2 matrices
+    per_block = t * (3 * d * d + d * d + mlp) + 2 * t * t * d  # projections + QK^T, AV
     head = d * c.num_classes * (2 if c.distilled else 1)
     if c.pool == "map":  # the probe's q, proj and MLP; k, v of the patch tokens; QK^T, AV
         head += d * d + 2 * n * d * d + d * d + 2 * d * m + 2 * n * d

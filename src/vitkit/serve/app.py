@@ -1,4 +1,5 @@
-"""The HTTP service: classify and explain uploaded images, batching concurrent requests.
+"""The HTTP service: classify and explain uploaded images, batching concurrent requests; with
+a CLIP, classify them by labels given as text, and embed images and texts.
 
 `create_app` puts the parts together: the upload's decoding and limits (`decode`), the
 micro-batcher (`batcher`), the endpoints (`routes`) and their OpenAPI descriptions
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vitkit import __version__
+from vitkit.infer.zero_shot import load_tokenizer
 from vitkit.model.vit import ViT
 from vitkit.serve.auth import add_access_control, check_access
 from vitkit.serve.batcher import MicroBatcher
@@ -34,6 +36,16 @@ from vitkit.serve.decode import (
 from vitkit.serve.engine import Engine
 from vitkit.serve.routes import STATIC_DIR, Service, router
 from vitkit.serve.schemas import model_info
+from vitkit.serve.text import (
+    CACHE_ENTRIES,
+    DEFAULT_MAX_ENCODINGS,
+    DEFAULT_MAX_PROMPTS,
+    MAX_TEXT_CHARS,
+    MAX_TEXTS,
+    Slots,
+    TextSide,
+)
+from vitkit.weights.clip import is_clip, load_clip
 from vitkit.weights.format import load_model, resolve_model_dir
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_BYTES", "create_app"]
@@ -57,6 +69,8 @@ def create_app(
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     compile: bool = False,
     compiled_dir: str | Path | None = None,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
+    max_encodings: int = DEFAULT_MAX_ENCODINGS,
 ) -> FastAPI:
     """The service for one model: a `ViT`, a model directory, or a shipped model's name.
 
@@ -77,17 +91,33 @@ def create_app(
     description need `Authorization: Bearer API_KEY` (else 401); `cors_origins` are the web
     origins whose pages may call the API (none by default). An upload that has not all
     arrived `read_timeout_s` after its reading began gets 408.
+
+    A CLIP directory (`vitkit.weights.clip.is_clip`) serves its image tower as above and
+    loads its text tower too, for /v1/zero-shot (at most `max_prompts` prompts, labels x
+    templates, per request) and text embeddings at /v1/embed. At most `max_encodings` text
+    encodings (or, for other models, pooled embeddings) run or wait at once; beyond, 503.
     """
     _check_limits(max_batch, max_wait_ms, max_upload_bytes, max_pixels, max_explanations)
     if not read_timeout_s > 0:
         raise ValueError(f"read_timeout_s must be positive, got {read_timeout_s}")
+    if max_prompts < 2 or max_encodings < 1:
+        raise ValueError(
+            f"max_prompts must be at least 2 and max_encodings at least 1, got {max_prompts} "
+            f"and {max_encodings}"
+        )
     check_access(api_key, cors_origins)  # before the model is loaded: a bad key fails fast
-    directory = None
+    directory, clip, tokenizer = None, None, None
     if isinstance(model_dir_or_model, ViT):
         model, name = model_dir_or_model, name or "model"
     else:
         directory = resolve_model_dir(model_dir_or_model)
-        model, name = load_model(directory), name or directory.name
+        name = name or directory.name
+        if is_clip(directory):  # both towers; the image tower serves as any model does
+            clip, tokenizer_file = load_clip(directory)
+            tokenizer = load_tokenizer(clip, tokenizer_file)
+            model = clip.visual
+        else:
+            model = load_model(directory)
     if model.config.num_classes == 0:
         raise ValueError(
             f"{name}: the model has no classification head (num_classes=0), so it has no "
@@ -95,6 +125,8 @@ def create_app(
         )
     if max_pixels is None:  # a 32-pixel model has no use for a 50-megapixel upload
         max_pixels = default_max_pixels(model.config.image_size)
+    if clip is not None:
+        clip.to(device).eval()
     model = model.to(device).eval()
     engine = Engine(
         model,
@@ -105,6 +137,10 @@ def create_app(
         source_dir=directory,
     )
     batcher = MicroBatcher(engine, max_batch, max_wait_ms, max_queue)
+    encodings = Slots(max_encodings, "text encodings or embeddings")
+    text = None
+    if clip is not None and tokenizer is not None:
+        text = TextSide(clip, tokenizer, batcher.call, encodings, max_prompts)
     limits = {
         "max_batch": max_batch,
         "max_wait_ms": max_wait_ms,
@@ -113,8 +149,17 @@ def create_app(
         "max_upload_bytes": max_upload_bytes,
         "max_pixels": max_pixels,
         "read_timeout_s": read_timeout_s,
+        "max_encodings": max_encodings,
     }
-    info = model_info(name, model, engine.eager.precision, limits)
+    if text is not None:
+        limits |= {
+            "max_prompts": max_prompts,
+            "max_texts": MAX_TEXTS,
+            "max_text_chars": MAX_TEXT_CHARS,
+            "label_sets_cached": CACHE_ENTRIES,
+        }
+    text_info = text.info() if text is not None else None
+    info = model_info(name, model, engine.eager.precision, limits, text_info)
     info["auth"] = "bearer" if api_key is not None else None
     app = FastAPI(
         title="vitkit",
@@ -123,7 +168,16 @@ def create_app(
         lifespan=_lifespan,
     )
     app.state.service = Service(
-        name, model, batcher, max_upload_bytes, max_pixels, info, max_explanations, read_timeout_s
+        name,
+        model,
+        batcher,
+        max_upload_bytes,
+        max_pixels,
+        info,
+        max_explanations,
+        read_timeout_s,
+        text,
+        encodings,
     )
     add_access_control(app, api_key, cors_origins)  # added first: inside the Host check
     if allowed_hosts is not None:

@@ -4,7 +4,8 @@ One worker takes up to `max_batch` queued images, waiting at most `max_wait_ms` 
 first for more (and only while other requests are still being read or decoded, so an idle
 service answers at once), and makes one model call. The model runs on a thread of its own,
 never two calls at once; anything else that needs the model runs there too, between batches.
-Each answer carries the mode that computed it (`Engine.predict`'s second value).
+Each answer carries the mode that computed it (`Engine.predict`'s second value). A job
+asking for no labels (k = 0) gets the model's output row instead: a CLIP's image embedding.
 At most `max_queue` images wait: beyond that `submit` refuses with `QueueFull`. When a batch's
 model call fails, each of its images is retried alone, so one bad input fails only itself.
 """
@@ -30,6 +31,7 @@ Labels = list[tuple[str, float]]
 class Answer(NamedTuple):
     labels: Labels  # top-k (label, probability), most probable first
     mode: str  # what computed them, e.g. "eager-fp32" or "compiled-int8"
+    output: torch.Tensor | None = None  # the model's output row (fp32), for k = 0 only
 
 
 class Predictor(Protocol):
@@ -120,7 +122,7 @@ class MicroBatcher:
 
     def submit(self, inputs: torch.Tensor, k: int) -> asyncio.Future[Answer]:
         """Queue one preprocessed image (1, C, S, S); the future gets its top-k labels and
-        the mode that computed them.
+        the mode that computed them (k = 0: no labels, the model's output row instead).
 
         Raises `QueueFull` when `max_queue` images are waiting already.
         """
@@ -189,15 +191,20 @@ class MicroBatcher:
     def _infer(self, inputs: list[torch.Tensor], k: int) -> list[Answer]:
         with torch.inference_mode():
             logits, mode = self.model.predict(torch.cat(inputs).to(self._device, self._dtype))
-        return [Answer(labels, mode) for labels in top_k_labels(logits, k, self.model.labels)]
+            rows = logits.float().cpu()
+        if k < 1:  # every job asks for the output rows only
+            return [Answer([], mode, row) for row in rows]
+        labels = top_k_labels(logits, k, self.model.labels)
+        return [Answer(top, mode, row) for top, row in zip(labels, rows, strict=True)]
 
 
 def _answer(job: _Job, result: Answer | Exception) -> None:
-    """Gives the job its answer (its own top k) or its exception, unless its client has gone
-    away."""
+    """Gives the job its answer (its own top k; the output row for k = 0) or its exception,
+    unless its client has gone away."""
     if job.future.done():
         return
     if isinstance(result, Exception):
         job.future.set_exception(result)
     else:
-        job.future.set_result(Answer(result.labels[: job.k], result.mode))
+        output = result.output if job.k < 1 else None
+        job.future.set_result(Answer(result.labels[: job.k], result.mode, output))

@@ -53,10 +53,16 @@ class ApiError(Exception):
 
 # -- the body -------------------------------------------------------------------------------
 async def read_upload(
-    request: Request, max_bytes: int, timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    request: Request,
+    max_bytes: int,
+    timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    *,
+    image_required: bool = True,
 ) -> tuple[bytes, dict[str, Any]]:
     """The image bytes of a multipart, JSON or raw-image request, and its other fields; a 408
-    when the body has not all arrived `timeout_s` after reading it began."""
+    when the body has not all arrived `timeout_s` after reading it began. Without
+    `image_required`, a multipart body without a file part or a JSON object without "image"
+    gives empty bytes and its fields (texts to embed)."""
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
@@ -65,9 +71,10 @@ async def read_upload(
         )
     body = _limited_body(request, max_bytes, timeout_s)
     if media == "multipart/form-data":
-        return await _read_multipart(request, body)
+        return await _read_multipart(request, body, image_required)
     if media == "application/json" or media.endswith("+json"):
-        return await asyncio.to_thread(_read_json, b"".join([chunk async for chunk in body]))
+        raw = b"".join([chunk async for chunk in body])
+        return await asyncio.to_thread(_read_json, raw, image_required)
     if media.startswith("image/") or media == "application/octet-stream":
         return b"".join([chunk async for chunk in body]), {}
     raise ApiError(
@@ -111,7 +118,7 @@ async def _limited_body(request: Request, max_bytes: int, timeout_s: float) -> A
 
 
 async def _read_multipart(
-    request: Request, body: AsyncIterator[bytes]
+    request: Request, body: AsyncIterator[bytes], image_required: bool = True
 ) -> tuple[bytes, dict[str, Any]]:
     """The file part "file" and the text fields of a multipart/form-data body."""
     try:
@@ -121,22 +128,26 @@ async def _read_multipart(
         raise ApiError(400, f"malformed multipart body: {e.message}") from None
     try:
         upload = form.get("file")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if upload is None and not image_required:
+            return b"", fields
         if not isinstance(upload, UploadFile):
             # Also what a body cut short in its file part looks like.
             raise ApiError(422, 'the multipart body has no complete file part "file"')
-        data = await upload.read()
-        return data, {k: v for k, v in form.items() if isinstance(v, str)}
+        return await upload.read(), fields
     finally:
         await form.close()
 
 
-def _read_json(raw: bytes) -> tuple[bytes, dict[str, Any]]:
+def _read_json(raw: bytes, image_required: bool = True) -> tuple[bytes, dict[str, Any]]:
     """The base64 "image" of a JSON object, and the object."""
     try:
         doc = json.loads(raw)
     # RecursionError: JSON nested too deep to parse.
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"malformed JSON: {e}") from None
+    if isinstance(doc, dict) and "image" not in doc and not image_required:
+        return b"", doc
     if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):
         raise ApiError(422, 'expected a JSON object {"image": "<the image file in base64>", ...}')
     return decode_base64(doc["image"]), doc

@@ -1,11 +1,17 @@
-"""The endpoints: classify and explain an upload, describe the model, report batching, serve
-the page. Each reads the `Service` the app keeps in `app.state.service`.
+"""The endpoints: classify and explain an upload, classify it by labels given as text and
+embed it (or texts) with a CLIP, describe the model, report batching, serve the page. Each
+reads the `Service` the app keeps in `app.state.service`.
 
 Images are decoded and preprocessed per request, in a small thread pool, before they are
 queued for the batcher. Explanations (an fp32 pass, a backward pass for grad-rollout) run one
 at a time on a thread of their own, with one core, so predictions go on meanwhile. A request
 that would wait beyond the batcher's queue, or beyond `max_explanations` explanations at once,
 gets 503 with Retry-After rather than piling up.
+
+Zero-shot classification and a CLIP's image embeddings queue the image for the batcher like a
+prediction (the image tower's output is the embedding); the text tower's work, and a plain
+ViT's pooled embeddings, run on the model's thread between batches, at most
+`max_encodings` at once (`vitkit.serve.text`).
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
 import torch
+import torch.nn.functional as F
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from vitkit.data.preprocess import preprocess
+from vitkit.infer.embed import embed_images
 from vitkit.infer.explain import METHODS, explain_image
 from vitkit.model.vit import ViT
 from vitkit.serve.batcher import Answer, Labels, MicroBatcher, QueueFull
@@ -40,13 +48,18 @@ from vitkit.serve.decode import (
 from vitkit.serve.engine import Engine
 from vitkit.serve.schemas import (
     DEFAULT_TOP_K,
+    EMBED_BODY,
     ERRORS,
     EXPLAIN_BODY,
     EXPLAIN_RESPONSES,
     PREDICT_BODY,
+    ZERO_SHOT_BODY,
+    EmbedOut,
     PredictOut,
+    ZeroShotOut,
     label_rows,
 )
+from vitkit.serve.text import DEFAULT_MAX_ENCODINGS, Slots, TextSide
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Decoding threads bound how many uploads are held decoded in memory at once.
@@ -61,7 +74,8 @@ class Service:
     """One model behind the endpoints: its batcher, its decoding threads, its limits.
 
     `model` is the fp32 model, for explanations; `batcher.model` the one that predicts.
-    `info` is the body of /v1/model.
+    `info` is the body of /v1/model. `text`: a CLIP's text side (None for other models);
+    `encodings` bound the work on the model's thread outside batches.
     """
 
     def __init__(
@@ -74,8 +88,12 @@ class Service:
         info: dict[str, Any],
         max_explanations: int = 2,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        text: TextSide | None = None,
+        encodings: Slots | None = None,
     ) -> None:
         self.name, self.model, self.batcher, self.info = name, model, batcher, info
+        self.text = text
+        self.encodings = encodings or Slots(DEFAULT_MAX_ENCODINGS, "text encodings or embeddings")
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
         self.read_timeout_s = read_timeout_s
         self.max_explanations = max_explanations
@@ -146,6 +164,16 @@ class Service:
         config = self.model.config
         return preprocess(decode_image(data, config, self.max_pixels)[None], config)
 
+    def text_side(self) -> TextSide:
+        """The CLIP's text side; a 400 for a model without a text tower."""
+        if self.text is None:
+            raise ApiError(
+                400,
+                f"the model {self.name!r} has no text tower (it is not a CLIP): labels and "
+                "texts need one; serve a CLIP model directory",
+            )
+        return self.text
+
     def top_k(self, fields: dict[str, Any], query: int | None) -> int:
         """`top_k` from the body's fields, else the query, else the default; at most every class."""
         k = parse_top_k(fields.get("top_k", query or DEFAULT_TOP_K))
@@ -183,6 +211,12 @@ async def predict(request: Request, top_k: TopK = None) -> JSONResponse:
     `top_k` (default 5) may come in the body or the query."""
     start = time.perf_counter()
     service = _service(request)
+    if service.text is not None:  # a CLIP's head is a projection: its outputs are no classes
+        raise ApiError(
+            400,
+            f"the model {service.name!r} is a CLIP: it classifies into labels you write, "
+            "POST the image with them to /v1/zero-shot",
+        )
     if service.batcher.full:  # refused before its upload is read: waiting for it buys nothing
         raise _busy(service.batcher)
     with service.batcher.incoming():
@@ -252,6 +286,129 @@ def _explain(
     png = io.BytesIO()
     result.overlay().save(png, "PNG")
     return result.labels, result.heatmap.round(4).tolist(), png.getvalue()
+
+
+LabelsQuery = Annotated[
+    str | None,
+    Query(description="comma-separated labels (for a raw image body; else in the body)"),
+]
+TemplatesQuery = Annotated[
+    list[str] | None, Query(description='prompt templates, each with one "{}" (repeatable)')
+]
+
+
+@router.post(
+    "/v1/zero-shot",
+    summary="Classify an image by labels given as text (CLIP)",
+    response_model=ZeroShotOut,
+    responses=ERRORS,
+    openapi_extra=ZERO_SHOT_BODY,
+)
+async def zero_shot(
+    request: Request,
+    top_k: TopK = None,
+    labels: LabelsQuery = None,
+    templates: TemplatesQuery = None,
+) -> JSONResponse:
+    """The labels ranked by probability for the image: softmax over the CLIP's scaled cosine
+    similarities between the image and each label's prompts (averaged over the templates).
+    The image as for /v1/predict, with `labels` (a JSON list, or comma-separated in a form
+    field or the query), optional `templates` and `top_k` (default: every label). A label
+    set's embeddings are cached: sending the same labels again costs only the image."""
+    start = time.perf_counter()
+    service = _service(request)
+    text = service.text_side()  # before the body is read, as a busy service's 503
+    if service.batcher.full:
+        raise _busy(service.batcher)
+    with service.batcher.incoming():
+        data, fields = await read_upload(request, service.max_upload_bytes, service.read_timeout_s)
+        names = text.labels(fields.get("labels", labels))
+        prompts = text.templates(fields.get("templates", templates), len(names))
+        k = min(parse_top_k(fields.get("top_k", top_k or len(names))), len(names))
+        image = service.submit(await service.decode(service.inputs, data), 0)
+    try:
+        classes, cached = await text.class_embeddings(names, prompts)
+    except BaseException:
+        image.cancel()  # the batcher skips it
+        raise
+    answer = await image
+    assert answer.output is not None
+    ranked = text.rank(answer.output, classes, names, k)
+    return JSONResponse(
+        {
+            "labels": label_rows(ranked),
+            "templates": prompts,
+            "cached": cached,
+            "model": service.name,
+            "mode": answer.mode,
+            "latency_ms": _ms_since(start),
+        }
+    )
+
+
+@router.post(
+    "/v1/embed",
+    summary="Embed an image (or, with a CLIP, texts)",
+    response_model=EmbedOut,
+    responses=ERRORS,
+    openapi_extra=EMBED_BODY,
+)
+async def embed(request: Request) -> JSONResponse:
+    """L2-normalised embeddings. An image as for /v1/predict: a CLIP's image embedding (its
+    image tower's output, in the space it shares with texts), or another model's pooled
+    features (what its head reads). With a CLIP, `"text"` (a string or a list of strings)
+    instead of an image embeds texts into the same space."""
+    start = time.perf_counter()
+    service = _service(request)
+    if service.batcher.full:
+        raise _busy(service.batcher)
+    with service.batcher.incoming():
+        data, fields = await read_upload(
+            request, service.max_upload_bytes, service.read_timeout_s, image_required=False
+        )
+        if not data and "text" in fields:
+            texts = service.text_side().texts(fields["text"])
+        elif not data:
+            raise ApiError(422, 'send an image (as for /v1/predict) or, for a CLIP, "text"')
+        elif "text" in fields:
+            raise ApiError(400, 'send an image or "text", not both')
+        elif service.text is not None:  # the image tower's output, batched as predictions
+            texts, queued = None, service.submit(await service.decode(service.inputs, data), 0)
+        else:
+            texts, pixels = None, await service.decode(_pixels, service, data)
+    if texts is not None:  # the text tower runs in fp32
+        rows = await service.text_side().embed(texts)
+        kind, source, mode = "text", "text tower", "eager-fp32"
+    elif service.text is not None:
+        answer = await queued
+        assert answer.output is not None
+        rows = F.normalize(answer.output[None].float(), dim=-1)
+        kind, source, mode = "image", "projection", answer.mode
+    else:  # pooled features: not what the engine computes, so on the model's thread
+        with service.encodings.held():
+            rows = await service.batcher.call(_pooled, service.model, pixels)
+        kind, source, mode = "image", "pooled", "eager-fp32"
+    return JSONResponse(
+        {
+            "embeddings": rows.tolist(),
+            "dim": rows.shape[1],
+            "kind": kind,
+            "source": source,
+            "model": service.name,
+            "mode": mode,
+            "latency_ms": _ms_since(start),
+        }
+    )
+
+
+def _pixels(service: Service, data: bytes) -> torch.Tensor:
+    """Uploaded bytes as uint8 (1, C, S, S) pixels, decoded and cropped for the model."""
+    return decode_image(data, service.model.config, service.max_pixels)[None]
+
+
+def _pooled(model: ViT, pixels: torch.Tensor) -> torch.Tensor:
+    """The L2-normalised pooled features (1, D) of uint8 pixels (`vitkit.infer.embed`)."""
+    return embed_images(model, pixels, progress=False)
 
 
 @router.get("/v1/model", summary="The model: configuration, labels, preprocessing, limits")

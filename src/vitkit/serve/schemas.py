@@ -27,6 +27,24 @@ class PredictOut(BaseModel):
     latency_ms: float
 
 
+class ZeroShotOut(BaseModel):
+    labels: list[LabelOut]
+    templates: list[str]
+    cached: bool
+    model: str
+    mode: str
+    latency_ms: float
+
+
+class EmbedOut(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
+    kind: str
+    source: str
+    model: str
+    latency_ms: float
+
+
 class ErrorOut(BaseModel):
     error: str
 
@@ -34,7 +52,11 @@ class ErrorOut(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": why}
     for status, why in [
-        (400, "malformed multipart, JSON or base64"),
+        (
+            400,
+            "malformed multipart, JSON or base64; bad or too many labels, templates or texts; "
+            "labels or texts for a model without a text tower",
+        ),
         (401, "no API key, or a wrong one, where the service has one (Authorization: Bearer)"),
         (408, "the body did not all arrive within the read timeout"),
         (413, "body over the size limit, or an image over the pixel limit"),
@@ -55,10 +77,15 @@ EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _image_body(**fields: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAPI request body of an image endpoint, with `fields` beside the image."""
-    fields = {"top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}, **fields}
+def _image_body(
+    top_k: Any = DEFAULT_TOP_K, image_required: bool = True, **fields: dict[str, Any]
+) -> dict[str, Any]:
+    """The OpenAPI request body of an image endpoint, with `fields` beside the image (and
+    `top_k`, with its default, unless None)."""
+    if top_k is not None:
+        fields = {"top_k": {"type": "integer", "minimum": 1, "default": top_k}, **fields}
     image = "the image file, base64-encoded (a data: URL is accepted too)"
+    file_required, image_key = (["file"], ["image"]) if image_required else ([], [])
     return {
         "requestBody": {
             "required": True,
@@ -66,14 +93,14 @@ def _image_body(**fields: dict[str, Any]) -> dict[str, Any]:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "required": ["file"],
+                        "required": file_required,
                         "properties": {"file": {"type": "string", "format": "binary"}, **fields},
                     }
                 },
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "required": ["image"],
+                        "required": image_key,
                         "properties": {"image": {"type": "string", "description": image}, **fields},
                     }
                 },
@@ -85,11 +112,42 @@ def _image_body(**fields: dict[str, Any]) -> dict[str, Any]:
 
 PREDICT_BODY = _image_body()
 EXPLAIN_BODY = _image_body(method={"type": "string", "enum": list(METHODS)})
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+ZERO_SHOT_BODY = _image_body(
+    top_k="all the labels",
+    labels={
+        "description": "the labels: a JSON list, or comma-separated text in a form field",
+        "oneOf": [_STRINGS, {"type": "string"}],
+    },
+    templates={
+        "description": 'prompt templates with one "{}" for the label (default: '
+        '["a photo of a {}."]): a JSON list, or in a form field one template or a JSON list',
+        "oneOf": [_STRINGS, {"type": "string"}],
+    },
+)
+EMBED_BODY = _image_body(
+    top_k=None,
+    image_required=False,
+    text={
+        "description": "for a CLIP, instead of an image: a text or a list of texts to embed",
+        "oneOf": [_STRINGS, {"type": "string"}],
+    },
+)
 
 
-def model_info(name: str, model: ViT, precision: str, limits: dict[str, Any]) -> dict[str, Any]:
-    """The body of /v1/model: the model's configuration, labels, preprocessing and `limits`."""
+def model_info(
+    name: str,
+    model: ViT,
+    precision: str,
+    limits: dict[str, Any],
+    text_tower: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The body of /v1/model: the model's configuration, labels, preprocessing, `limits`, and
+    for a CLIP its `text_tower` (zero-shot classification and text embeddings)."""
     config = model.config
+    # /v1/embed's image embeddings: a CLIP's projection into its joint space, else the
+    # features the head reads.
+    dim, source = (config.num_classes, "projection") if text_tower else (config.width, "pooled")
     return {
         "name": name,
         "precision": precision,
@@ -105,6 +163,9 @@ def model_info(name: str, model: ViT, precision: str, limits: dict[str, Any]) ->
             "crop_pct": config.crop_pct,
         },
         "limits": limits,
+        "zero_shot": text_tower is not None,
+        "text_tower": text_tower,
+        "embedding": {"dim": dim, "image": source, "text": text_tower is not None},
     }
 
 

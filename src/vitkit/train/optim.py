@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
-# Parameters that are never decayed: embeddings and tokens are not weights to shrink.
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+# Parameters that are never decayed: embeddings and tokens are not weights to shrink, and
+# the attention pool's probe (`latent`) is a learnt token like [CLS].
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "latent")
 
 
 def param_groups(

@@ -296,11 +296,12 @@ def to_hf(model: ViT, directory: str | Path) -> Path:
     c = model.config
     plain = c.class_token and c.pool == "cls" and c.cls_pos_embed and c.resnet_layers is None
     extras = c.distilled or c.layer_scale_init is not None or c.norm_pre or c.act != "gelu"
-    if not plain or c.num_registers or c.fc_norm or extras:
+    if not plain or c.num_registers or c.fc_norm or extras or c.mlp != "mlp":
         raise CheckpointError(
             "Hugging Face's ViT is a plain ViT with a [CLS]-pooled head: this model (mean "
             "pooling, registers, fc_norm, a hybrid CNN, a distillation token, layer scale, a "
-            "norm before the encoder or another activation than GELU) cannot be exported to it"
+            "norm before the encoder, a SwiGLU MLP or another activation than GELU) cannot be "
+            "exported to it"
         )
     directory = Path(directory)
     ours = model.state_dict()

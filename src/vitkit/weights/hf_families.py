@@ -4,16 +4,17 @@
 
 - vit: `ViTModel`, `ViTForImageClassification` (hf.py);
 - dinov2, dinov2_with_registers: `Dinov2Model`, `Dinov2WithRegistersModel` (and their
-  `Backbone`s, which hold the same tensors): features, no head;
+  `Backbone`s, which hold the same tensors): features, no head; the giant's SwiGLU MLP
+  (use_swiglu_ffn) too;
 - clip_vision_model, clip: `CLIPVisionModel` (features), `CLIPVisionModelWithProjection`
   and the image tower of a `CLIPModel`, whose `visual_projection` becomes the head;
 - siglip_vision_model, siglip: `SiglipVisionModel` and the image tower of a `SiglipModel`:
   features pooled by SigLIP's attention head (vitkit's pool="map").
 
-What vitkit cannot build is refused by name: DINOv2's SwiGLU MLP (the giant model), the
-classification heads of `Dinov2ForImageClassification` ([CLS] concatenated with the mean of
-the patch tokens), `CLIPForImageClassification` (the mean of unnormalised patch tokens),
-SigLIP towers without their attention head, and SigLIP 2.
+What vitkit cannot build is refused by name: the classification heads of
+`Dinov2ForImageClassification` ([CLS] concatenated with the mean of the patch tokens),
+`CLIPForImageClassification` (the mean of unnormalised patch tokens), SigLIP towers without
+their attention head, and SigLIP 2.
 
 At the native size vitkit's outputs are transformers' (tests/test_families_hf.py). At other
 sizes the position embeddings are resampled by vitkit's rule (bicubic, antialiased):
@@ -30,6 +31,7 @@ share, so it predicts on 518-pixel crops; `set_image_size(224)` gives transforme
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +103,15 @@ DINOV2_REGISTERS = HFLayout(
     HF_QKV,
     unused=DINOV2.unused,
 )
+# The SwiGLU MLP (use_swiglu_ffn, the giant's): weights_in packs the gate's rows, then the
+# value's, as vitkit's fc1 does. (transformers 5 splits it into gate_proj and up_proj in
+# memory and joins them again on saving, so its files keep Meta's names.)
+DINOV2_SWIGLU_BLOCK = {k: v for k, v in DINOV2_BLOCK.items() if not k.startswith("mlp.")} | {
+    "mlp.weights_in.weight": "mlp.fc1.weight",
+    "mlp.weights_in.bias": "mlp.fc1.bias",
+    "mlp.weights_out.weight": "mlp.fc2.weight",
+    "mlp.weights_out.bias": "mlp.fc2.bias",
+}
 # Without a preprocessor_config.json: facebook/dinov2-*'s BitImageProcessor (shorter side to
 # 256, bicubic, centre 224, ImageNet statistics).
 DINOV2_PREPROCESSING = {
@@ -239,6 +250,8 @@ def from_hf_dinov2(directory: str | Path) -> ViT:
         with reading(directory / PREPROCESSOR_FILE):
             config = config.replace(**preprocessing(directory, config.in_channels, defaults))
         layout = DINOV2_REGISTERS if registers else DINOV2
+        if config.mlp == "swiglu":
+            layout = dataclasses.replace(layout, block=DINOV2_SWIGLU_BLOCK)
         ours = rename(state, layout, prefix, config.depth, config.qkv_bias)
         if registers and ours["pos_embed"].ndim == 3:  # another rank: the shape check names it
             # As timm (and vitkit's DINOv2 reg4 preset) lay register models out: [CLS]'s
@@ -255,15 +268,14 @@ def config_from_dinov2(hf: Any) -> tuple[ViTConfig, bool]:
     if not isinstance(hf, dict):
         raise CheckpointError(f"a config must be a JSON object, got {type(hf).__name__}")
     registers = hf.get("model_type") == "dinov2_with_registers"
-    if hf.get("use_swiglu_ffn", False):
-        raise CheckpointError(
-            "use_swiglu_ffn: DINOv2's SwiGLU MLP (the giant model's) is not one vitkit builds"
-        )
+    swiglu = hf.get("use_swiglu_ffn", False)
+    if not isinstance(swiglu, bool):
+        raise CheckpointError(f"use_swiglu_ffn must be true or false, got {brief(swiglu)}")
     patch = positive_int(hf, "patch_size", 16 if registers else 14)
     ratio = hf.get("mlp_ratio", 4)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
         raise CheckpointError(f"mlp_ratio must be a number, got {brief(ratio)}")
-    return ViTConfig(
+    config = ViTConfig(
         # transformers' grid is image_size // patch_size too.
         image_size=positive_int(hf, "image_size", 224) // patch * patch,
         patch_size=patch,
@@ -272,17 +284,24 @@ def config_from_dinov2(hf: Any) -> tuple[ViTConfig, bool]:
         width=positive_int(hf, "hidden_size", 768),
         depth=positive_int(hf, "num_hidden_layers", 12),
         heads=positive_int(hf, "num_attention_heads", 12),
-        mlp_ratio=ratio,  # both take int(width * mlp_ratio) units
+        mlp_ratio=ratio,  # a plain MLP: both take int(width * mlp_ratio) units
         qkv_bias=hf.get("qkv_bias", True),
         ln_eps=layer_norm_eps(hf, 1e-6),
-        act=activation_from_hf(hf, "gelu"),
+        # transformers' SwiGLU ignores hidden_act (SiLU always), and so does vitkit.
+        act="gelu" if swiglu else activation_from_hf(hf, "gelu"),
         # Where the gains started, which only training from scratch reads: DINOv2's 1e-5, as
         # timm's reader and vitkit's presets say. (config.json's layerscale_value is
         # transformers' class default, 1.0, in Meta's own checkpoints.)
         layer_scale_init=DEFAULT_LAYER_SCALE_INIT,
         num_registers=positive_int(hf, "num_register_tokens", 4) if registers else 0,
         cls_pos_embed=not registers,
-    ), registers
+    )
+    if swiglu:  # the sizes are checked: the plain MLP's units are int(width * mlp_ratio)
+        # Dinov2SwiGLUFFN (Meta's SwiGLUFFNFused) keeps two thirds of them, rounded up to a
+        # multiple of 8 (the giant: 6144 -> 4096).
+        hidden = (int(config.mlp_dim * 2 / 3) + 7) // 8 * 8
+        config = config.replace(mlp="swiglu", mlp_ratio=mlp_ratio(config.width, hidden))
+    return config, registers
 
 
 # -- CLIP ---------------------------------------------------------------------------------

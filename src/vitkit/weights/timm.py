@@ -1,9 +1,15 @@
 """timm's VisionTransformer checkpoints <-> vitkit.
 
 vitkit's module names follow timm's, so the name table is the identity; what takes work is
-reading the architecture back. The tensors fix most of it; the few settings they leave open
-(head count, LayerNorm eps, activation, preprocessing) come from a timm model's own modules,
-the timm `config.json` beside a weights file, or the architecture's name (`TIMM_FAMILIES`).
+reading the architecture back. The tensors fix most of it (a SwiGLU MLP too: its fc1 gives
+twice fc2's inputs); the few settings they leave open (head count, LayerNorm eps, activation,
+preprocessing) come from a timm model's own modules, the timm `config.json` beside a weights
+file, or the architecture's name (`TIMM_FAMILIES`).
+
+Pretraining checkpoints also hold what only pretraining uses: MAE's decoder (`decoder_*`) and
+a mask token (MAE's, DINOv2's). vitkit's ViT is the encoder those checkpoints pretrain, which
+is what fine-tuning and feature extraction start from, so these tensors are dropped
+(`PRETRAINING_ONLY`), as timm does; everything else must be a tensor vitkit builds.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from vitkit.config import ViTConfig, brief, is_instance, resnet_stride
 from vitkit.model.vit import ViT, state_shapes
 from vitkit.weights.foreign import default_heads, grid_of, read_state_dict
 from vitkit.weights.format import CheckpointError, read_json, reading, shape_problems
+from vitkit.weights.hf import mlp_ratio
 
 # timm names that vitkit has too (per block, {i} is the block index); anything else in a
 # checkpoint is an architecture vitkit does not build, and is refused by name.
@@ -41,7 +48,7 @@ TIMM_NAMES = (
     "blocks.{i}.ls1.gamma",  # layer scale (DeiT-III, DINOv2)
     "blocks.{i}.norm2.weight",
     "blocks.{i}.norm2.bias",
-    "blocks.{i}.mlp.fc1.weight",
+    "blocks.{i}.mlp.fc1.weight",  # a SwiGLU's gate and value rows, packed (SwiGLUPacked)
     "blocks.{i}.mlp.fc1.bias",
     "blocks.{i}.mlp.fc2.weight",
     "blocks.{i}.mlp.fc2.bias",
@@ -87,7 +94,11 @@ UNSUPPORTED_TENSORS = (
         r"^attn_pool\.(?:pos_embed|[qk]_norm)",
         "an attention pool with position embeddings or qk_norm",
     ),
-    (r"\.mlp\.(?:fc1_[gx]|w12|w3)\.", "a SwiGLU MLP"),
+    (
+        r"\.mlp\.(?:fc1_[gx]|w12|w3)\.",
+        "a SwiGLU MLP laid out otherwise than timm's SwiGLUPacked (fc1_g and fc1_x; Meta's "
+        "w12 and w3: load those through timm or Hugging Face)",
+    ),
     (
         r"\.attn\.[qv]_bias$",
         "q and v biases apart from qkv (BEiT, EVA; EVA-02 also rotates positions)",
@@ -95,6 +106,12 @@ UNSUPPORTED_TENSORS = (
     (r"\.attn\.relative_position", "relative position biases (BEiT)"),
     (r"\.gamma_[12]$", "BEiT's layer scale (gamma_1, gamma_2)"),
     (r"\.(?:attn|mlp)\.norm\.", "a norm inside attention or the MLP"),
+)
+# MAE's decoder (Meta's pretraining checkpoints with it, e.g. mae_visualize_*.pth) and the
+# mask tokens of MAE and DINOv2 (iBOT): read and dropped, see the module's docstring. Their
+# names fully match, so an encoder tensor can never be taken for one.
+PRETRAINING_ONLY = re.compile(
+    r"decoder_(?:embed|pos_embed|norm|pred)(?:\.\w+)?|decoder_blocks\.\d+\..+|mask_token"
 )
 # What timm's eval transform takes when a pretrained_cfg names no crop_pct.
 TIMM_DEFAULT_CROP_PCT = 0.875
@@ -124,10 +141,10 @@ TIMM_FAMILIES = (
         {"small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16},
         layer_scale_init=1e-6,
     ),
-    # DINOv2's giant has a SwiGLU MLP, which vitkit does not build.
+    # The giant's MLP is a SwiGLU, which the tensors show.
     TimmFamily(
         r"vit_(?P<size>[a-z]+)_patch14_(?:reg4_)?dinov2",
-        {"small": 6, "base": 12, "large": 16},
+        {"small": 6, "base": 12, "large": 16, "giant": 24},
         layer_scale_init=1e-5,
     ),
     TimmFamily(
@@ -144,10 +161,10 @@ TIMM_FAMILIES = (
         act="gelu_tanh",
     ),
 )
-# timm's model classes and layers that vitkit builds, and its activations by class name
-# (nn.GELU's tanh form is read off the module).
+# timm's model classes and layers that vitkit builds (GluMlp: as SwiGLUPacked makes it), and
+# its activations by class name (nn.GELU's tanh form is read off the module).
 TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
-TIMM_LAYERS = {"block": "Block", "attention": "Attention", "MLP": "Mlp"}
+TIMM_LAYERS = {"block": ("Block",), "attention": ("Attention",), "MLP": ("Mlp", "GluMlp")}
 TIMM_ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
 TIMM_POOLS = {"token": "cls", "avg": "mean", "map": "map"}
 
@@ -158,6 +175,7 @@ def config_from_timm(state: dict[str, torch.Tensor], **settings: Any) -> ViTConf
     `settings` are ViTConfig fields the tensors leave open (heads, ln_eps, act, pool,
     layer_scale_init, preprocessing), as a timm model or its config.json state them.
     """
+    state = drop_pretraining(state)
     unknown = sorted(k for k in state if not _PATTERN.fullmatch(k))
     if unknown:
         refuse_tensors(unknown)
@@ -167,11 +185,12 @@ def config_from_timm(state: dict[str, torch.Tensor], **settings: Any) -> ViTConf
     width, cnn_channels, patch, _ = state["patch_embed.proj.weight"].shape
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     fc2 = state.get("blocks.0.mlp.fc2.weight")
-    if fc2 is not None and fc2.ndim == 2 and hidden == 2 * fc2.shape[1]:
-        raise CheckpointError(
-            "not a timm ViT vitkit builds: a SwiGLU MLP (fc1 gives twice fc2's inputs: a gate "
-            "and a value)"
-        )
+    # A SwiGLU's fc1 gives twice fc2's inputs (a gate and a value), a plain MLP's as many;
+    # other shapes are left to the shape check, which names them.
+    swiglu = fc2 is not None and fc2.ndim == 2 and hidden == 2 * fc2.shape[1]
+    if swiglu:
+        hidden //= 2
+        settings.pop("act", None)  # its SiLU is fixed; `act` names a plain MLP's
     resnet = resnet_from_timm(state)
     channels = resnet["in_channels"] if resnet else cnn_channels
     class_token = "cls_token" in state
@@ -193,7 +212,8 @@ def config_from_timm(state: dict[str, torch.Tensor], **settings: Any) -> ViTConf
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
         width=width,
         depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
-        mlp_ratio=hidden / width,
+        mlp_ratio=mlp_ratio(width, hidden),
+        mlp="swiglu" if swiglu else "mlp",
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         fc_norm=fc_norm,
         class_token=class_token,
@@ -228,6 +248,11 @@ def pos_grid(positions: int, positioned: int, registers: int) -> tuple[int, bool
             "reg_tokens without no_embed_class)"
         )
     raise CheckpointError(f"pos_embed of {positions} positions is not a square grid")
+
+
+def drop_pretraining(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the tensors only pretraining uses (`PRETRAINING_ONLY`)."""
+    return {k: v for k, v in state.items() if not PRETRAINING_ONLY.fullmatch(k)}
 
 
 def refuse_tensors(unknown: list[str]) -> None:
@@ -297,25 +322,46 @@ def module_settings(model: nn.Module) -> dict[str, Any]:
         block = model.blocks[0]
         layers = {"block": block, "attention": block.attn, "MLP": block.mlp}
         for what, layer in layers.items():
-            if type(layer).__name__ != (expected := TIMM_LAYERS[what]):
+            if type(layer).__name__ not in (expected := TIMM_LAYERS[what]):
                 raise CheckpointError(
-                    f"timm's {type(layer).__name__} {what} is not one vitkit builds ({expected})"
+                    f"timm's {type(layer).__name__} {what} is not one vitkit builds "
+                    f"({', '.join(expected)})"
                 )
-        act = block.mlp.act
-        name = TIMM_ACTIVATIONS.get(type(act).__name__)
-        if isinstance(act, nn.GELU) and act.approximate == "tanh":
-            name = "gelu_tanh"
-        if name is None:
-            raise CheckpointError(
-                f"timm's {type(act).__name__} activation is not one vitkit builds"
-            )
         if not isinstance(block.norm1, nn.LayerNorm):
             raise CheckpointError(f"timm's {type(block.norm1).__name__} is not a LayerNorm")
-        settings |= {"heads": block.attn.num_heads, "ln_eps": block.norm1.eps, "act": name}
+        settings |= {"heads": block.attn.num_heads, "ln_eps": block.norm1.eps}
+        if type(block.mlp).__name__ == "GluMlp":
+            check_swiglu(block.mlp)  # no act: a SwiGLU's is SiLU
+        else:
+            settings["act"] = activation_name(block.mlp.act)
         if hasattr(block.ls1, "init_values"):
             settings["layer_scale_init"] = float(block.ls1.init_values)
     pretrained = getattr(model, "pretrained_cfg", None)
     return settings | (pretrained_settings(pretrained) if isinstance(pretrained, dict) else {})
+
+
+def activation_name(act: nn.Module) -> str:
+    """vitkit's `act` for a timm MLP's activation module."""
+    name = TIMM_ACTIVATIONS.get(type(act).__name__)
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        name = "gelu_tanh"
+    if name is None:
+        raise CheckpointError(f"timm's {type(act).__name__} activation is not one vitkit builds")
+    return name
+
+
+def check_swiglu(mlp: nn.Module) -> None:
+    """Refuse a timm GluMlp other than SwiGLUPacked's (SiLU on the first half of fc1's
+    outputs, linear layers, no norm): its tensors would load, but compute something else."""
+    act = type(mlp.act).__name__
+    packed = act == "SiLU" and not mlp.gate_last and isinstance(mlp.fc1, nn.Linear)
+    if not packed or not isinstance(mlp.norm, nn.Identity):
+        gate = "last" if mlp.gate_last else "first"
+        raise CheckpointError(
+            f"timm's GluMlp with {act}, gate {gate}, {type(mlp.fc1).__name__} layers and "
+            f"{type(mlp.norm).__name__} norm is not the SwiGLU vitkit builds (SwiGLUPacked: "
+            "SiLU, gate first, Linear layers, no norm)"
+        )
 
 
 def pool_setting(global_pool: Any) -> dict[str, Any]:
@@ -420,6 +466,7 @@ def from_timm(
 def _build(
     state: dict[str, torch.Tensor], settings: dict[str, Any], overrides: dict[str, Any]
 ) -> ViT:
+    state = drop_pretraining(state)
     config = config_from_timm(state, **settings)
     if overrides:
         config = config.replace(**overrides)

@@ -1,13 +1,16 @@
-// The page: choose or drop an image, show the top labels and the attention overlay.
+// The page: choose or drop an image, show the top labels and the attention overlay. For a
+// CLIP (zero-shot), the labels are the user's, typed comma-separated.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const TOP_K = 5;
+const ZERO_SHOT_TOP_K = 10;
 const KEY_ITEM = "vitkit-api-key"; // in sessionStorage: kept until the tab is closed
 
 let current = null; // the image being shown (a File)
 let keyWanted = null; // { promise, resolve } while the page waits for an API key
 let run = 0; // answers to an older choice are dropped
+let zeroShot = false; // the model classifies by the labels typed (/v1/zero-shot)
 const urls = { preview: null, overlay: null };
 
 function percent(p) {
@@ -71,9 +74,18 @@ async function api(path, init = {}) {
   }
 }
 
-async function post(path, file, params) {
+// The labels typed: comma-separated, blanks dropped.
+function typedLabels() {
+  return $("labels")
+    .value.split(",")
+    .map((label) => label.trim())
+    .filter((label) => label);
+}
+
+async function post(path, file, params, fields = {}) {
   const body = new FormData();
   body.append("file", file);
+  for (const [name, value] of Object.entries(fields)) body.append(name, value);
   const response = await api(`${path}?${new URLSearchParams(params)}`, { method: "POST", body });
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -124,6 +136,17 @@ async function explain(file, token) {
   if (token === run) showUrl("overlay", blob);
 }
 
+// /v1/predict's top labels, or /v1/zero-shot's ranking of the labels typed.
+function labelsFor(file) {
+  if (!zeroShot) return post("/v1/predict", file, { top_k: TOP_K });
+  const labels = typedLabels();
+  if (labels.length < 2) {
+    return Promise.reject(new Error("type at least two labels, separated by commas"));
+  }
+  const params = { top_k: Math.min(ZERO_SHOT_TOP_K, labels.length) };
+  return post("/v1/zero-shot", file, params, { labels: JSON.stringify(labels) });
+}
+
 async function classify(file) {
   const token = ++run;
   current = file;
@@ -131,7 +154,7 @@ async function classify(file) {
   $("status").textContent = `Classifying ${file.name || "the image"}…`;
   showUrl("preview", file);
   $("result").hidden = true;
-  const predicted = post("/v1/predict", file, { top_k: TOP_K }).then(async (response) => {
+  const predicted = labelsFor(file).then(async (response) => {
     const { labels } = await response.json();
     if (token !== run) return;
     showLabels(labels);
@@ -167,9 +190,14 @@ async function describeModel() {
     const model = await (await api("/v1/model")).json();
     const p = model.preprocessing;
     const colour = p.channels === 1 ? "greyscale" : "colour";
+    zeroShot = model.zero_shot === true;
+    const what = zeroShot
+      ? "a CLIP, classifying by the labels you type"
+      : `${model.labels.length} classes`;
     $("model-info").textContent =
-      `Model ${model.name}: ${model.labels.length} classes, ` +
-      `${p.image_size} × ${p.image_size} px ${colour} input.`;
+      `Model ${model.name}: ${what}, ${p.image_size} × ${p.image_size} px ${colour} input.`;
+    $("labels-form").hidden = !zeroShot;
+    $("chart-title").textContent = zeroShot ? "Your labels, ranked" : "Top predictions";
   } catch {
     $("model-info").textContent = "The model's description is not available.";
   }
@@ -182,6 +210,11 @@ function setUp() {
     if (file) classify(file);
   });
   $("method").addEventListener("change", reexplain);
+  $("labels-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (current) classify(current);
+    else $("status").textContent = "Now choose an image to classify by these labels.";
+  });
   $("key-form").addEventListener("submit", keyEntered);
   for (const type of ["dragenter", "dragover"]) {
     drop.addEventListener(type, () => drop.classList.add("dragging"));
