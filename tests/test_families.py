@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from vitkit import PRESETS, CheckpointError, ViTConfig, create_model, load_model, save_model
+from vitkit.data.preprocess import centre_crop, load_image, preprocess
 from vitkit.model import count_params, flops
 from vitkit.weights.timm import (
     config_from_timm,
@@ -385,3 +387,37 @@ def test_mae_checkpoint_loads_without_its_decoder(timm, tmp_path, fine_tuned):
     save_file(state | {"decoder_extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="unsupported tensors decoder_extra.weight"):
         from_timm(tmp_path / "model.safetensors")
+
+
+# Each family's preprocessing as timm's pretrained_cfg states it: mean/std, crop, resampling;
+# and the size to test it at (a crop of 0.9 is tested at 224 px: timm rounds the resized side
+# to whole pixels, a larger share of a small image).
+END_TO_END = {"deit": 224, "dinov2": 56, "clip-quickgelu": 64, "mae": 224}
+
+
+@pytest.mark.parametrize("family", list(END_TO_END))
+def test_an_image_file_gives_timms_outputs_through_its_own_transform(timm, tmp_path, family):
+    """From a photo file to outputs: vitkit's decoding and preprocessing (read from the
+    checkpoint) against timm's `create_transform` with the model's pretrained config."""
+    name, size = FAMILIES[family][0], END_TO_END[family]
+    ref = _timm_model(timm, name, size, **FAMILY_ARGS.get(family, {}))
+    model = from_timm(ref)
+    data = timm.data.resolve_data_config({"input_size": (3, size, size)}, model=ref)
+    assert model.config.crop_pct == data["crop_pct"]
+    assert model.config.interpolation == data["interpolation"]
+    pixels = torch.rand(3, 9, 12, generator=torch.Generator().manual_seed(0))
+    photo = Image.fromarray((pixels * 255).byte().permute(1, 2, 0).numpy())
+    path = tmp_path / "photo.png"
+    photo.resize((3 * size, 2 * size), Image.Resampling.BICUBIC).save(path)
+    with Image.open(path) as img:
+        theirs = timm.data.create_transform(**data)(img.convert("RGB"))[None]
+    c = model.config
+    x = load_image(path, 3, c.image_size, c.interpolation, crop=centre_crop(c.crop_pct))
+    ours = preprocess(x[None], c)
+    # The same pixels to within a few 8-bit levels (both resize with Pillow's bicubic; timm
+    # resizes then crops, vitkit crops then resizes once).
+    levels = (ours - theirs).abs() * torch.tensor(c.std)[:, None, None] * 255
+    assert levels.mean() < 1.0 and levels.max() <= 6
+    with torch.no_grad():
+        got, want = model(ours), ref(theirs)
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()

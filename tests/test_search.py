@@ -14,10 +14,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.clip_toy import SHADES, shades, small_tower, train_toy_clip
 from vitkit import create_model, save_model
 from vitkit.cli import main
-from vitkit.data import ImageDataset
-from vitkit.data.captions import captions_from_labels
 from vitkit.data.preprocess import centre_crop, load_image, preprocess
 from vitkit.infer.embed import (
     CLIP_SPACE,
@@ -29,46 +28,16 @@ from vitkit.infer.embed import (
 )
 from vitkit.infer.search import IndexFileError, load_index, read_index_file, search
 from vitkit.infer.zero_shot import load_tokenizer
-from vitkit.train.contrastive import ContrastiveConfig, train_contrastive
 from vitkit.weights.clip import load_clip
 
-SHADES = ["dark", "grey", "bright"]
-TEMPLATES = ["a photo of a {} square.", "a {} picture."]
 PER_SHADE = 4
-
-
-def shades(n: int, seed: int) -> ImageDataset:
-    """Noisy images of three brightnesses (classes dark, grey, bright), in turn."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 3
-    noise = torch.randint(0, 50, (n, 1, 28, 28), generator=gen)
-    pixels = (noise + 100 * labels[:, None, None, None]).to(torch.uint8)
-    return ImageDataset(pixels, labels, list(SHADES), "shades")
-
-
-def small_tower(num_classes: int = 3):
-    return create_model(
-        "Ti/4@28", seed=0, width=32, heads=2, depth=2, num_classes=num_classes
-    ).eval()
 
 
 @pytest.fixture(scope="module")
 def lit_dir(tmp_path_factory):
-    """A LiT trained on the shades in seconds: a random locked tower, a new text tower."""
+    """The toy LiT (tests/clip_toy.py), trained for fewer steps: retrieval needs no more."""
     out = tmp_path_factory.mktemp("lit")
-    pairs = captions_from_labels(shades(300, 0), TEMPLATES)
-    config = ContrastiveConfig(
-        steps=40,
-        batch_size=48,
-        lr=3e-3,
-        warmup_steps=5,
-        text_width=32,
-        text_depth=1,
-        text_heads=2,
-        vocab_size=300,
-    )
-    result = train_contrastive(small_tower(), pairs, config, out, progress=False)
-    assert result.losses[-1] < result.losses[0]
+    train_toy_clip(out, steps=40)
     return out
 
 

@@ -16,16 +16,14 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.clip_toy import SHADES, TEMPLATES, shades, small_tower, train_toy_clip
 from tests.serving import real_server
-from tests.test_zero_shot import SHADES, TEMPLATES, shades, small_config, small_tower
-from vitkit.data.captions import captions_from_labels
 from vitkit.infer.embed import embed_images
 from vitkit.infer.zero_shot import class_embeddings, load_tokenizer, zero_shot_model
 from vitkit.serve import text as serve_text
 from vitkit.serve.app import create_app
 from vitkit.serve.decode import ApiError, decode_image
 from vitkit.serve.text import Slots, TextSide
-from vitkit.train.contrastive import train_contrastive
 from vitkit.weights import save_model
 from vitkit.weights.clip import load_clip
 
@@ -42,10 +40,9 @@ def png(pixels: torch.Tensor) -> bytes:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A LiT trained on the shades in a few seconds (as tests/test_zero_shot.py's)."""
+    """The toy LiT (tests/clip_toy.py)."""
     out = tmp_path_factory.mktemp("clip") / "shades-clip"
-    pairs = captions_from_labels(shades(300, 0), TEMPLATES)
-    train_contrastive(small_tower(), pairs, small_config(), out, progress=False)
+    train_toy_clip(out)
     return out
 
 

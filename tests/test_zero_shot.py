@@ -9,10 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.clip_toy import SHADES, TEMPLATES, shades, small_tower, train_toy_clip
 from tests.fashion import load_fashion_mnist
-from vitkit import create_model
 from vitkit.cli import main
-from vitkit.data import ImageDataset
 from vitkit.data.captions import captions_from_labels, load_captioned_folder
 from vitkit.infer import Classifier
 from vitkit.infer.zero_shot import (
@@ -27,44 +26,12 @@ from vitkit.train.contrastive import ContrastiveConfig, contrastive_loss, train_
 from vitkit.weights import CheckpointError, load_pretrained, save_model
 from vitkit.weights.clip import load_clip
 
-SHADES = ["dark", "grey", "bright"]
-TEMPLATES = ["a photo of a {} square.", "a {} picture."]
-
-
-def shades(n: int, seed: int) -> ImageDataset:
-    """Noisy images of three brightnesses (classes dark, grey, bright), in turn."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 3
-    noise = torch.randint(0, 50, (n, 1, 28, 28), generator=gen)
-    pixels = (noise + 100 * labels[:, None, None, None]).to(torch.uint8)
-    return ImageDataset(pixels, labels, list(SHADES), "shades")
-
-
-def small_tower():
-    return create_model("Ti/4@28", seed=0, width=32, heads=2, depth=2, num_classes=3).eval()
-
-
-def small_config(**overrides) -> ContrastiveConfig:
-    settings = {
-        "steps": 80,
-        "batch_size": 48,
-        "lr": 3e-3,
-        "warmup_steps": 5,
-        "text_width": 32,
-        "text_depth": 1,
-        "text_heads": 2,
-        "vocab_size": 300,
-    }
-    return ContrastiveConfig(**(settings | overrides))
-
 
 @pytest.fixture(scope="module")
 def lit_dir(tmp_path_factory):
-    """A LiT trained on the shades: a random locked tower, a new text tower."""
+    """The toy LiT (tests/clip_toy.py)."""
     out = tmp_path_factory.mktemp("lit")
-    pairs = captions_from_labels(shades(300, 0), TEMPLATES)
-    result = train_contrastive(small_tower(), pairs, small_config(), out, progress=False)
-    assert result.losses[-1] < result.losses[0]
+    train_toy_clip(out)
     return out
 
 
@@ -236,3 +203,37 @@ def test_info_describes_both_towers(lit_dir, capsys):
     assert "CLIP text tower: 32w x 1 blocks x 2 heads" in out and "image embedding 32-d" in out
     assert main(["info", str(lit_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text_config"]["width"] == 32
+
+
+def test_train_clip_on_webdataset_shards_of_images_and_captions(tmp_path, capsys):
+    """image + txt samples in tar shards (WebDataset's layout, written by its TarWriter); a
+    sample without a caption and a damaged shard are left out with their reason."""
+    import io
+
+    import webdataset as wds
+
+    from vitkit.data.captions import load_captioned_shards, shard_paths
+
+    data = shades(12, 4)
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"pairs-{shard:03d}.tar")) as sink:
+            for i in range(shard * 6, shard * 6 + 6):
+                png = io.BytesIO()
+                Image.fromarray(data.images[i, 0].numpy()).save(png, "PNG")
+                sample = {"__key__": f"{i:04d}", "png": png.getvalue()}
+                if i != 3:
+                    sample["txt"] = f"a {SHADES[data.labels[i]]} square"
+                sink.write(sample)
+    (tmp_path / "pairs-002.tar").write_bytes(b"not a tar at all" * 40)
+    paths = shard_paths(tmp_path / "pairs-{000..002}.tar")
+    assert [p.name for p in paths] == ["pairs-000.tar", "pairs-001.tar", "pairs-002.tar"]
+    pairs = load_captioned_shards(paths, 28, 1)
+    assert len(pairs) == 11 and pairs.captions[0] == ["a dark square"]
+    reasons = " | ".join(reason for _, reason in pairs.skipped)
+    assert "without both an image and a txt caption" in reasons and "not a readable tar" in reasons
+    torch.testing.assert_close(pairs.images[0], data.images[0])
+    out = tmp_path / "clip"
+    args = ["train-clip", "--data", str(tmp_path), "--model", "Ti/4@28", "--steps", "2"]
+    args += ["--batch-size", "4", "--text-width", "32", "--text-depth", "1", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads((out / "contrastive.json").read_text())["pairs"] == 11

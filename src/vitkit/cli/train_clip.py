@@ -12,7 +12,13 @@ import torch
 from vitkit import data
 from vitkit.cli.common import note, templates
 from vitkit.config import PRESETS, get_preset
-from vitkit.data.captions import CaptionedImages, captions_from_labels, load_captioned_folder
+from vitkit.data.captions import (
+    CaptionedImages,
+    captions_from_labels,
+    load_captioned_folder,
+    load_captioned_shards,
+    shard_paths,
+)
 from vitkit.evaluate import EvalReport, evaluate
 from vitkit.files import atomic_write
 from vitkit.infer.zero_shot import split_labels, zero_shot_model
@@ -32,8 +38,10 @@ def add_train_clip_command(subparsers: argparse._SubParsersAction) -> argparse.A
         "--data",
         required=True,
         metavar="SPEC",
-        help="a folder of images with a .txt caption file beside each, or a labelled dataset "
-        "(fashion-mnist, an image folder, ...) captioned by its class names in --template",
+        help="a folder of images with a .txt caption file beside each, WebDataset shards of "
+        "image + txt samples (a .tar, a folder of them, or a {000..009} pattern), or with "
+        "--template/--classes a labelled dataset (fashion-mnist, an image folder, ...) "
+        "captioned by its class names",
     )
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where datasets are kept")
     tower = p.add_mutually_exclusive_group(required=True)
@@ -111,10 +119,12 @@ def _pairs(
     """The training pairs, and for a labelled dataset its test split (for zero-shot)."""
     c = tower.config
     folder = Path(args.data)
-    if folder.is_dir() and next(folder.rglob("*.txt"), None) is not None:
-        if args.classes is not None or args.template:
-            raise ValueError("--classes and --template caption a labelled dataset, not captions")
+    labelled = args.classes is not None or args.template
+    if not labelled and folder.is_dir() and next(folder.rglob("*.txt"), None) is not None:
         return load_captioned_folder(folder, c.image_size, c.in_channels, c.crop_pct), None
+    shards = None if labelled else shard_paths(args.data)
+    if shards is not None:
+        return load_captioned_shards(shards, c.image_size, c.in_channels, c.crop_pct), None
     load = {"data_dir": args.data_dir, "image_size": c.image_size, "channels": c.in_channels}
     train = data.load_dataset(args.data, split="train", **load)
     test = data.load_dataset(args.data, split="test", **load)

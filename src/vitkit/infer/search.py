@@ -14,7 +14,6 @@ names: `embed_images` for an image, `embed_texts` for a CLIP's text).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from vitkit.infer.embed import (
     POOLED,
 )
 from vitkit.infer.knn import nearest
+from vitkit.weights.format import raw_header
 
 __all__ = [
     "Index",
@@ -229,14 +229,7 @@ _TORCH_DTYPES = {
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file (bounded), and the size of its data part."""
     with open_regular(path) as f:  # a FIFO would block, a device never end
-        size = os.fstat(f.fileno()).st_size
-        length = int.from_bytes(f.read(8), "little")
-        if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
-        header = json.loads(f.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    return header, size - 8 - length
+        return raw_header(f, MAX_HEADER_BYTES)
 
 
 def _metadata(header: dict[str, Any]) -> dict[str, str]:

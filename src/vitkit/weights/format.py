@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -172,13 +172,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: missing")
     try:
         with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            length = int.from_bytes(f.read(8), "little")
-            if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
-            header = json.loads(f.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+            header, data_bytes = raw_header(f)
         header.pop("__metadata__", None)
         out = {}
         for name, entry in header.items():
@@ -189,10 +183,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             shape, offsets = entry.get("shape"), entry.get("data_offsets")
             if not (_ints(shape) and _ints(offsets) and len(offsets) == 2):
                 raise ValueError(f"tensor {name!r}: malformed shape or data_offsets")
-            if offsets[1] > size - 8 - length:
+            if offsets[1] > data_bytes:
                 raise ValueError(
                     f"tensor {name!r}: its data ends at byte {offsets[1]:,}, past the end of "
-                    f"the file's {size - 8 - length:,}"
+                    f"the file's {data_bytes:,}"
                 )
             out[name] = TensorInfo(entry["dtype"], tuple(shape))
     except (OSError, ValueError, RecursionError) as e:
@@ -200,6 +194,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             f"{path}: not a readable safetensors file (corrupt or truncated?): {one_line(str(e))}"
         ) from None
     return out
+
+
+def raw_header(f: BinaryIO, limit: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], int]:
+    """The JSON header of an open safetensors file, of at most `limit` bytes, and the size of
+    the data part that follows it. Raises ValueError for what is no safetensors header."""
+    size = os.fstat(f.fileno()).st_size
+    length = int.from_bytes(f.read(8), "little")
+    if size < 8 or length > min(limit, size - 8):
+        raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
+    header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, size - 8 - length
 
 
 def _ints(value: object) -> bool:
