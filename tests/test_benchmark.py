@@ -108,6 +108,7 @@ def test_the_cpu_runtimes_run_the_same_model() -> None:
             assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.8, (impl, mode)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(benchmark.TIMM_FAMILY_NAMES))
 def test_families_are_timed_against_timms_own_architecture(timm, preset) -> None:
     """DINOv2 and CLIP are compared with timm's model of that name, holding the same weights

@@ -84,6 +84,7 @@ def exported(clip_dir, tmp_path_factory):
     return out, out.with_name("clip.text.onnx")
 
 
+@pytest.mark.slow  # an ONNX export of both towers each: `make test` runs it
 def test_both_towers_are_written_and_checked(clip_dir, tmp_path, capsys):
     model_dir, images = clip_dir
     argv = ["export", str(model_dir), "--out", str(tmp_path / "m.onnx"), "--check", str(images)]
@@ -160,6 +161,7 @@ def test_text_file_carries_its_tokenizer(clip_dir, exported):
     assert torch.equal(carried(TEXTS), original(TEXTS))
 
 
+@pytest.mark.slow  # an ONNX export of both towers each: `make test` runs it
 def test_check_text_onnx_sees_a_wrong_file(clip_dir, tmp_path):
     clip, tokenizer_file = load_clip(clip_dir[0])
     tokenizer = Tokenizer.from_file(tokenizer_file, context_length=CONTEXT)
@@ -172,6 +174,7 @@ def test_check_text_onnx_sees_a_wrong_file(clip_dir, tmp_path):
     assert check_text_onnx(clip.text, path, ids).min_cosine < 0
 
 
+@pytest.mark.slow  # an ONNX export of both towers each: `make test` runs it
 def test_tower_choice(clip_dir, tmp_path, capsys):
     model_dir, _ = clip_dir
     text_only = tmp_path / "t" / "words.onnx"
@@ -185,6 +188,7 @@ def test_tower_choice(clip_dir, tmp_path, capsys):
     assert "not checked" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an ONNX export of both towers each: `make test` runs it
 def test_a_failed_text_check_fails_the_command(clip_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("vitkit.cli.export.PARITY_TOLERANCE", -1.0)
     out = tmp_path / "t.onnx"
