@@ -51,9 +51,10 @@ def add_data_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "source",
         metavar="SOURCE",
         help="an image folder (one subfolder per class, or train/ and val/), a manifest "
-        "(.csv or .jsonl of path,label), a shard set's folder or shards.json, a brace pattern "
-        "like 'shards-{000000..000127}.tar' or a .tar, a Hugging Face dataset (save_to_disk "
-        "folder, Parquet)",
+        "(.csv or .jsonl of path,label), a folder with Hugging Face imagefolder metadata "
+        "(metadata.csv or .jsonl of file_name,label), a shard set's folder or shards.json, "
+        "a brace pattern like 'shards-{000000..000127}.tar' or a .tar, a Hugging Face dataset "
+        "(save_to_disk folder, Parquet)",
     )
     inspect.set_defaults(func=cmd_inspect)
     pack = sub.add_parser(

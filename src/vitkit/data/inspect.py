@@ -30,7 +30,7 @@ from vitkit.data.shards import (
     read_file_bytes,
     unreadable_reason,
 )
-from vitkit.data.sources import source_kind
+from vitkit.data.sources import metadata_files, source_kind
 from vitkit.data.stream import Source, SubsetSource
 
 
@@ -145,8 +145,14 @@ def inspect_source(path: str | Path) -> SourceReport:
     sizes, formats and bytes, and every file or sample that cannot be read, with the reason."""
     text, p = str(path), Path(path)
     kind = source_kind(path)
-    if kind == "manifest":
-        return _inspect(ManifestSource.open(p), text, "manifest")
+    if kind == "manifest":  # a manifest file, or a folder with imagefolder metadata
+        files = metadata_files(p) if p.is_dir() else {"all": p}
+        if "all" in files:
+            return _inspect(ManifestSource.open(files["all"]), text, "manifest")
+        parts = {
+            name: _inspect(ManifestSource.open(f), str(f), "manifest") for name, f in files.items()
+        }
+        return SourceReport(source=text, kind="splits", splits=parts)
     if kind == "hf":
         splits = {name: open_hf(path, name) for name in ("train", "val")}
         if all(isinstance(s, SubsetSource) for s in splits.values()):  # one split, not two

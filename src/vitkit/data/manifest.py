@@ -1,9 +1,13 @@
 """Image collections listed in a manifest: a CSV file with `path` and `label` columns (others
 are ignored), or JSON lines of {"path": ..., "label": ...}; the paths are relative to the
-manifest's folder and the labels are class names.
+manifest's folder and the labels are class names. Hugging Face's imagefolder metadata reads
+the same: `file_name` for the path, `label` or `labels` (or a column named) for the label.
 
     source = ManifestSource.open("photos/train.csv")
+    source = ManifestSource.open("photos/metadata.jsonl", label_column="species")
     stream = ImageStream(source, image_size=224, channels=3)
+
+`metadata_file` finds such a metadata file (`metadata.csv` or `metadata.jsonl`) in a folder.
 
 The image files are not looked at when the manifest is read (a collection may hold millions of
 them): an unreadable one is passed over when the stream reaches it. A manifest is attacker
@@ -37,6 +41,12 @@ MAX_LABEL_CHARS = 256
 MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 CSV_SUFFIXES = (".csv",)
 JSON_LINES_SUFFIXES = (".jsonl", ".json-lines", ".ndjson")
+# Hugging Face's imagefolder: a folder's images described by one of these beside them.
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+# The path column by its names, in the order preferred: Hugging Face's `file_name` is the
+# image's path by definition, where a `path` column beside it may hold anything.
+PATH_COLUMNS = ("file_name", "path")
+LABEL_COLUMNS = ("label", "labels")
 # ASCII digits only: str.isdigit also takes other scripts' digits, which int() then reads.
 _INTEGER = re.compile(r"-?[0-9]+")
 
@@ -52,10 +62,17 @@ class ManifestSource:
     name: str
 
     @classmethod
-    def open(cls, path: str | Path, *, classes: Sequence[str] | None = None) -> ManifestSource:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        classes: Sequence[str] | None = None,
+        label_column: str | None = None,
+    ) -> ManifestSource:
         """The rows of the manifest at `path` (.csv, .jsonl, .json-lines or .ndjson), bounded
         and checked. The classes are its labels, sorted (as numbers if all are integers);
-        `classes` gives them instead (e.g. a training manifest's, for a validation one)."""
+        `classes` gives them instead (e.g. a training manifest's, for a validation one).
+        The labels are in `label_column`, else in `label` or `labels`."""
         path = Path(path)
         where = printable(str(path))
         suffix = path.suffix.lower()
@@ -70,7 +87,9 @@ class ManifestSource:
             if os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES:
                 raise DatasetError(f"{where}: larger than {MAX_MANIFEST_BYTES >> 30} GiB")
             lines = _Lines(f, where)
-            rows = _csv_rows(lines) if suffix in CSV_SUFFIXES else _json_rows(lines)
+            labels = (label_column,) if label_column else LABEL_COLUMNS
+            read = _csv_rows if suffix in CSV_SUFFIXES else _json_rows
+            rows = read(lines, labels)
             try:
                 paths, found, seen = _check_rows(rows, where)
             except csv.Error as e:
@@ -93,6 +112,16 @@ class ManifestSource:
 
     def read(self, i: int) -> Path:
         return self.root / self.paths[i]
+
+
+def metadata_file(folder: Path) -> Path | None:
+    """The Hugging Face imagefolder metadata file in `folder`, if it has one."""
+    found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise DatasetError(
+            printable(f"{folder}: both {' and '.join(METADATA_FILES)}; keep one of them")
+        )
+    return found[0] if found else None
 
 
 def sort_classes(names: Iterable[str]) -> list[str]:
@@ -141,8 +170,9 @@ class _Lines:
         self._row = 0
 
 
-def _csv_rows(lines: _Lines) -> Iterator[tuple[int, Any, Any]]:
-    """(line number, path, label) of each row of a CSV manifest."""
+def _csv_rows(lines: _Lines, labels: Sequence[str]) -> Iterator[tuple[int, Any, Any]]:
+    """(line number, path, label) of each row of a CSV manifest, its label from the first
+    column of `labels` it has."""
     # skipinitialspace: "path, label" as people write it by hand.
     reader = csv.reader(lines, skipinitialspace=True)
     header = next(reader, None)
@@ -150,13 +180,16 @@ def _csv_rows(lines: _Lines) -> Iterator[tuple[int, Any, Any]]:
     if header is None:
         raise DatasetError(f"{lines.where}: empty")
     columns = [name.strip() for name in header]
-    for key in ("path", "label"):
-        if key not in columns:
+    keys = []
+    for names in (PATH_COLUMNS, labels):
+        key = next((name for name in names if name in columns), None)
+        if key is None:
             raise DatasetError(
-                f"{lines.where}: line {lines.number}: no {key!r} column in the header "
+                f"{lines.where}: line {lines.number}: {_absent(names, 'column')} in the header "
                 f"(its columns: {_show(', '.join(columns))})"
             )
-    p, q = columns.index("path"), columns.index("label")
+        keys.append(key)
+    p, q = (columns.index(key) for key in keys)
     for row in reader:
         lines.next_row()
         if not row:  # a blank line
@@ -168,8 +201,9 @@ def _csv_rows(lines: _Lines) -> Iterator[tuple[int, Any, Any]]:
         yield lines.number, row[p], row[q]
 
 
-def _json_rows(lines: _Lines) -> Iterator[tuple[int, Any, Any]]:
-    """(line number, path, label) of each object of a JSON-lines manifest."""
+def _json_rows(lines: _Lines, labels: Sequence[str]) -> Iterator[tuple[int, Any, Any]]:
+    """(line number, path, label) of each object of a JSON-lines manifest, its label from the
+    first key of `labels` it has."""
     for text in lines:
         lines.next_row()
         if not text.strip():
@@ -184,13 +218,16 @@ def _json_rows(lines: _Lines) -> Iterator[tuple[int, Any, Any]]:
             ) from None
         if not isinstance(row, dict):
             raise DatasetError(f"{lines.where}: line {lines.number}: not a JSON object")
-        for key in ("path", "label"):
-            if key not in row:
+        keys = []
+        for names in (PATH_COLUMNS, labels):
+            key = next((name for name in names if name in row), None)
+            if key is None:
                 raise DatasetError(
-                    f"{lines.where}: line {lines.number}: no {key!r} key "
+                    f"{lines.where}: line {lines.number}: {_absent(names, 'key')} "
                     f"(its keys: {_show(', '.join(row))})"
                 )
-        yield lines.number, row["path"], row["label"]
+            keys.append(key)
+        yield lines.number, row[keys[0]], row[keys[1]]
 
 
 def _check_rows(
@@ -242,6 +279,13 @@ def _label_problem(label: Any) -> str | None:
     if not name or len(name) > MAX_LABEL_CHARS:
         return f"the label {_show(name)} is empty or longer than {MAX_LABEL_CHARS} characters"
     return None
+
+
+def _absent(names: Sequence[str], what: str) -> str:
+    """Words for `names` not found, the usual one first: "no 'path' column (nor 'file_name')"."""
+    usual = "path" if "path" in names else names[0]
+    others = "".join(f" (nor {_show(n)})" for n in names if n != usual)
+    return f"no {_show(usual)} {what}{others}"
 
 
 def _show(value: Any) -> str:

@@ -6,12 +6,17 @@ reads indexed shards. Training from shards therefore keeps every guarantee of a 
 sample's randomness derives from (seed, epoch, index), each process reads a disjoint slice of
 each epoch, and a run resumes at the exact sample. It needs the shards as files (local, or
 on a shared or cached file system); `ShardSet.samples` reads them front to back instead.
+
+An index is kept while it is in use, and opening the same unchanged shards again reuses it:
+the training and held-out parts of a set split by fraction are indexed once, not twice.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import sys
+import weakref
 from array import array
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from vitkit.data.shards import MAX_MEMBER_BYTES, ShardSet, index_shard
 
 # Index more shards than this and a progress bar shows it.
 _PROGRESS_MIN_SHARDS = 8
+# Key: a set's name, its classes and (path, device, inode, size, mtime) of each shard.
+_Signature = tuple[str, tuple[str, ...] | None, tuple[tuple[str, int, int, int, int], ...]]
 
 
 class ShardSource:
@@ -85,10 +92,35 @@ class ShardSource:
         return image
 
 
+# The indexes in use (weakly held: one goes when its last user does), by what they index.
+_INDEXED: weakref.WeakValueDictionary[_Signature, ShardSource] = weakref.WeakValueDictionary()
+
+
 def open_shards(spec: str | Path, name: str | None = None) -> ShardSource:
-    """A shard set (its directory or `shards.json`, a brace pattern, or one .tar), indexed."""
+    """A shard set (its directory or `shards.json`, a brace pattern, or one .tar), indexed; the
+    index of the same shards is reused while it is in use and none of them has changed."""
     shardset = ShardSet(spec)
-    return ShardSource(shardset, name or _name(spec))
+    name = name or _name(spec)
+    signature = _signature(shardset, name)
+    source = _INDEXED.get(signature)
+    if source is None:
+        source = ShardSource(shardset, name)
+        _INDEXED[signature] = source
+    return source
+
+
+def _signature(shardset: ShardSet, name: str) -> _Signature:
+    """What an index is made from: each shard's path and the file it names now (device and
+    inode), whose size or modification time changes when it is rewritten."""
+    files = []
+    for path in shardset.shards:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise DatasetError(printable(f"{path}: cannot read: {e.strerror or e}")) from None
+        files.append((str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    classes = tuple(shardset.classes) if shardset.classes is not None else None
+    return name, classes, tuple(files)
 
 
 def _name(spec: str | Path) -> str:
