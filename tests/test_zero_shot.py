@@ -18,6 +18,8 @@ from vitkit.infer.zero_shot import (
     check_labels,
     check_templates,
     class_embeddings,
+    load_tokenizer,
+    read_descriptions,
     read_labels_file,
     split_labels,
     zero_shot_model,
@@ -50,8 +52,6 @@ def test_text_labels_select_the_right_class(lit_dir):
 
 def test_prompt_ensembling_averages_normalised_embeddings(lit_dir):
     clip, tokenizer_file = load_clip(lit_dir)
-    from vitkit.infer.zero_shot import load_tokenizer
-
     tokenizer = load_tokenizer(clip, tokenizer_file)
     both = class_embeddings(clip, tokenizer, SHADES, TEMPLATES)
     each = [class_embeddings(clip, tokenizer, SHADES, [t]) for t in TEMPLATES]
@@ -60,6 +60,55 @@ def test_prompt_ensembling_averages_normalised_embeddings(lit_dir):
     model = zero_shot_model(clip, tokenizer, SHADES, TEMPLATES)
     assert model.labels == SHADES and model.config.num_classes == 3
     assert clip.visual.config.num_classes != 3  # the CLIP itself is left as it was
+
+
+def test_descriptions_are_averaged_with_a_labels_prompts(lit_dir):
+    """A label's embedding is the mean of its prompts' and its descriptions' unit embeddings;
+    a label the descriptions lack keeps its prompts alone."""
+    clip, tokenizer_file = load_clip(lit_dir)
+    tokenizer = load_tokenizer(clip, tokenizer_file)
+    described = {"dark": ["a black square", "no light at all"], "elsewhere": ["ignored"]}
+    got = class_embeddings(clip, tokenizer, SHADES, TEMPLATES, described)
+    with torch.no_grad():
+        unit = torch.nn.functional.normalize(
+            clip.encode_text(
+                tokenizer([*(t.format("dark") for t in TEMPLATES), *described["dark"]])
+            ),
+            dim=-1,
+        )
+    torch.testing.assert_close(
+        got[0], torch.nn.functional.normalize(unit.mean(dim=0), dim=-1), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(got[1:], class_embeddings(clip, tokenizer, SHADES[1:], TEMPLATES))
+    assert not torch.allclose(got[0], class_embeddings(clip, tokenizer, SHADES, TEMPLATES)[0])
+
+
+def test_descriptions_caption_their_class(tmp_path):
+    data = shades(6, 0)
+    described = {"grey": ["between black and white"]}
+    pairs = captions_from_labels(data, TEMPLATES, descriptions=described)
+    for captions, label in zip(pairs.captions, data.labels.tolist(), strict=True):
+        name = SHADES[label]
+        assert captions[: len(TEMPLATES)] == [t.format(name) for t in TEMPLATES]
+        assert captions[len(TEMPLATES) :] == described.get(name, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('["a list"]', "map each label"),
+        ('{"cat": "not a list"}', "list of sentences"),
+        ('{"cat": [""]}', "1 to"),
+        ('{"cat": [' + ",".join(['"x"'] * 101) + "]}", "over 100"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_descriptions_files_are_refused(tmp_path, text, match):
+    path = tmp_path / "descriptions.json"
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=match) as e:
+        read_descriptions(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_predict_and_eval_commands(lit_dir, tmp_path, capsys):
@@ -87,6 +136,14 @@ def test_predict_and_eval_commands(lit_dir, tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["top1"] >= 0.8
+    # Descriptions from a file join the prompts; without --zero-shot they are refused.
+    described = tmp_path / "described.json"
+    described.write_text(json.dumps({"bright": ["a bright one"]}))
+    assert main([*args, "--descriptions", str(described)]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] >= 0.8
+    args = ["eval", str(lit_dir), "--data", str(folder), "--descriptions", str(described)]
+    assert main(args) == 2
+    assert "go with --zero-shot" in capsys.readouterr().err
     assert (out / "eval.json").is_file()
 
 

@@ -46,5 +46,6 @@ ONNX_FILE = "model.onnx"
 
 # -- an evaluation -----------------------------------------------------------------------
 EVAL_DIR = "eval"
+INSPECT_DIR = "inspect"  # `vitkit inspect`'s figures and numbers
 REPORT_FILE = "eval.json"
 CONFUSION_FILE = "confusion.png"

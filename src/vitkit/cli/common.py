@@ -12,14 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from vitkit.config import ViTConfig
-from vitkit.infer.zero_shot import DEFAULT_TEMPLATES, read_labels_file, split_labels
-from vitkit.rundir import EVAL_DIR, ONNX_FILE, TRAIN_CONFIG_FILE
+from vitkit.infer.zero_shot import (
+    DEFAULT_TEMPLATES,
+    read_descriptions,
+    read_labels_file,
+    split_labels,
+)
+from vitkit.rundir import EVAL_DIR, INSPECT_DIR, ONNX_FILE, TRAIN_CONFIG_FILE
 from vitkit.runtime import PRECISIONS
 from vitkit.train import TrainConfig
 from vitkit.weights.format import SHIPPED_DIR, read_json
 
 # What each kind of output is called inside a model directory.
-OUTPUT_NAMES = {"eval": EVAL_DIR, "onnx": ONNX_FILE}
+OUTPUT_NAMES = {"eval": EVAL_DIR, "inspect": INSPECT_DIR, "onnx": ONNX_FILE}
 
 
 def note(command: str, message: str) -> None:
@@ -34,10 +39,11 @@ def fail(command: str, message: str, code: int = 2) -> int:
 
 
 def default_out(model_dir: Path, kind: str) -> Path:
-    """Where `vitkit eval` ("eval", a folder) and `vitkit export` ("onnx", a file) write
-    without --out: inside the model directory (MODEL_DIR/eval, MODEL_DIR/model.onnx), or, when
-    the model is one shipped in the package or its directory is not writable, ./MODEL.eval or
-    ./MODEL.onnx in the current directory (MODEL: the model directory's name)."""
+    """Where `vitkit eval` ("eval", a folder), `vitkit inspect` ("inspect", a folder) and
+    `vitkit export` ("onnx", a file) write without --out: inside the model directory
+    (MODEL_DIR/eval, MODEL_DIR/model.onnx), or, when the model is one shipped in the package or
+    its directory is not writable, ./MODEL.eval or ./MODEL.onnx in the current directory
+    (MODEL: the model directory's name)."""
     out = model_dir / OUTPUT_NAMES[kind]
     shipped = model_dir.resolve().is_relative_to(SHIPPED_DIR)
     # An existing output folder is written into; anything else is created in the model dir.
@@ -96,6 +102,16 @@ def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
         help='a prompt with {} for the label (default: "a photo of a {}."); repeat it to '
         "average several, as CLIP's authors do",
     )
+    add_descriptions_argument(p)
+
+
+def add_descriptions_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--descriptions",
+        metavar="FILE",
+        help='a JSON file of sentences describing each label ({"Sandal": ["a shoe fastened by '
+        "straps to the foot\"], ...}), averaged with the label's prompts",
+    )
 
 
 def zero_shot_labels(args: argparse.Namespace) -> list[str] | None:
@@ -109,6 +125,11 @@ def zero_shot_labels(args: argparse.Namespace) -> list[str] | None:
 
 def templates(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(args.template) if args.template else DEFAULT_TEMPLATES
+
+
+def descriptions(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The labels' descriptions of --descriptions, or None when it is not given."""
+    return None if args.descriptions is None else read_descriptions(args.descriptions)
 
 
 def config_overrides(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:

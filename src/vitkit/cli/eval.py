@@ -13,6 +13,7 @@ from vitkit.cli.common import (
     add_precision_argument,
     add_zero_shot_arguments,
     default_out,
+    descriptions,
     note,
     templates,
     trained_val_fraction,
@@ -108,8 +109,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = _dataset(args, c.image_size, c.in_channels, fraction, c.crop_pct)
     if args.zero_shot:
         model = _zero_shot_model(args, directory, dataset.classes)
-    elif args.labels is not None or args.labels_file is not None or args.template:
-        raise ValueError("--labels, --labels-file and --template go with --zero-shot")
+    elif any(x is not None for x in (args.labels, args.labels_file, args.template)) or (
+        args.descriptions is not None
+    ):
+        raise ValueError(
+            "--labels, --labels-file, --template and --descriptions go with --zero-shot"
+        )
     fast = optimize(model, args.precision, num_images=len(dataset))
     report = evaluate(fast, dataset, batch_size=args.batch_size)
     _note_unreadable(dataset)
@@ -134,7 +139,8 @@ def _zero_shot_model(args: argparse.Namespace, directory: Path, classes: list[st
         raise ValueError(
             f"{len(labels)} labels for a dataset of {len(classes)} classes ({', '.join(classes)})"
         )
-    model = load_zero_shot(directory, labels, templates(args)).to(args.device)
+    model = load_zero_shot(directory, labels, templates(args), descriptions(args))
+    model = model.to(args.device)
     note("eval", f"zero-shot: {len(labels)} labels x {len(templates(args))} template(s)")
     return model
 

@@ -8,6 +8,7 @@ import json
 from vitkit.cli.common import (
     add_precision_argument,
     add_zero_shot_arguments,
+    descriptions,
     fail,
     note,
     templates,
@@ -47,6 +48,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         num_images=len(paths),
         labels=zero_shot_labels(args),
         templates=templates(args),
+        descriptions=descriptions(args),
     )
     failed = False
     for p in classifier.predict_iter(paths, top_k=args.top_k):

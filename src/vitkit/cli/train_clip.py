@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vitkit import data
-from vitkit.cli.common import note, templates
+from vitkit.cli.common import add_descriptions_argument, descriptions, note, templates
 from vitkit.config import PRESETS, get_preset
 from vitkit.data.captions import (
     CaptionedImages,
@@ -70,6 +70,7 @@ def add_train_clip_command(subparsers: argparse._SubParsersAction) -> argparse.A
         help='caption templates with {} for the class name (default: "a photo of a {}."); '
         "repeat for several",
     )
+    add_descriptions_argument(p)
     defaults = ContrastiveConfig()
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -129,7 +130,8 @@ def _pairs(
     train = data.load_dataset(args.data, split="train", **load)
     test = data.load_dataset(args.data, split="test", **load)
     classes = split_labels(args.classes) if args.classes else None
-    return captions_from_labels(train, templates(args), classes), test
+    described = descriptions(args)
+    return captions_from_labels(train, templates(args), classes, descriptions=described), test
 
 
 def _zero_shot_report(
@@ -140,7 +142,9 @@ def _zero_shot_report(
 ) -> None:
     """Zero-shot accuracy on the test split against every class name: on the classes it
     was trained on and, separately, on those it never saw."""
-    model = zero_shot_model(result.clip, result.tokenizer, test.classes, templates(args))
+    model = zero_shot_model(
+        result.clip, result.tokenizer, test.classes, templates(args), descriptions(args)
+    )
     report = evaluate(model, test, batch_size=256)
     seen = set(pairs.labels.unique().tolist()) if pairs.labels is not None else set()
     counts = torch.bincount(test.labels, minlength=len(test.classes))
@@ -169,7 +173,9 @@ def _unseen_only(
     remap[unseen] = torch.arange(len(unseen))
     names = [test.classes[i] for i in unseen]
     subset = data.ImageDataset(test.images[keep], remap[test.labels[keep]], names, test.name)
-    model = zero_shot_model(result.clip, result.tokenizer, names, templates(args))
+    model = zero_shot_model(
+        result.clip, result.tokenizer, names, templates(args), descriptions(args)
+    )
     return evaluate(model, subset, batch_size=256).top1
 
 

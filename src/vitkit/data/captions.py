@@ -3,14 +3,15 @@
 Three sources: a folder of images with a caption file beside each (`photo.jpg` + `photo.txt`,
 one caption per line; images without one are left out and counted), WebDataset shards whose
 samples pair an image with a `txt` member (`0001.jpg` + `0001.txt`), or a labelled dataset
-whose class names become captions through prompt templates ("a photo of a {}.").
+whose class names become captions through prompt templates ("a photo of a {}.") and, where
+given, sentences that describe each class (e.g. a dictionary's definition of the word).
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,15 +55,32 @@ class CaptionedImages:
         return CaptionedImages(self.images[indices], captions, self.name, labels, self.classes)
 
 
+def label_prompts(
+    labels: Sequence[str],
+    templates: Sequence[str],
+    descriptions: Mapping[str, Sequence[str]] | None = None,
+) -> list[list[str]]:
+    """Each label's texts: the label in every template, then the label's descriptions (none
+    for a label the mapping lacks). Training captions and zero-shot prompts are both made
+    here, so a class is described the same way to the text tower in both."""
+    descriptions = descriptions or {}
+    return [
+        [t.replace("{}", label) for t in templates] + list(descriptions.get(label, ()))
+        for label in labels
+    ]
+
+
 def captions_from_labels(
     dataset: ImageDataset,
     templates: Sequence[str],
     classes: Sequence[str] | None = None,
     names: Sequence[str] | None = None,
+    descriptions: Mapping[str, Sequence[str]] | None = None,
 ) -> CaptionedImages:
-    """Each image captioned by its class name in every template; with `classes`, only the
-    images of those classes are kept (their labels stay the dataset's indices). `names`
-    replaces the dataset's class names in the captions, in its class order."""
+    """Each image captioned by its class name in every template, and by its class's
+    `descriptions` (keyed by name); with `classes`, only the images of those classes are kept
+    (their labels stay the dataset's indices). `names` replaces the dataset's class names in
+    the captions, in its class order."""
     names = list(names) if names is not None else dataset.classes
     if len(names) != len(dataset.classes):
         raise ValueError(f"{len(names)} names for {len(dataset.classes)} classes")
@@ -77,7 +95,7 @@ def captions_from_labels(
         wanted = torch.tensor([dataset.classes.index(c) for c in classes])
         keep = torch.isin(dataset.labels, wanted)
     index = keep.nonzero().flatten()
-    per_class = [[t.replace("{}", name) for t in templates] for name in names]
+    per_class = label_prompts(names, templates, descriptions)
     captions = [per_class[i] for i in dataset.labels[index].tolist()]
     return CaptionedImages(
         dataset.images[index], captions, dataset.name, dataset.labels[index], dataset.classes

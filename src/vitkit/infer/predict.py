@@ -6,7 +6,7 @@ file gives a `Prediction` with `error` set and never stops the others from being
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,10 +72,12 @@ class Classifier:
         num_images: int | None = None,
         labels: Sequence[str] | None = None,
         templates: Sequence[str] = DEFAULT_TEMPLATES,
+        descriptions: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """`precision`: "fp32" (exact), "bf16", "int8" or "auto", as in `vitkit.optimize`
         (`num_images`: how many images are expected, which "auto" weighs). `labels` (a CLIP
-        directory only) classifies zero-shot, each label put into the prompt `templates`."""
+        directory only) classifies zero-shot, each label put into the prompt `templates` and
+        averaged with its `descriptions`, if any."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if labels is not None:
@@ -84,7 +86,7 @@ class Classifier:
                     "labels= takes a CLIP directory; for a loaded CLIP, build the classifier "
                     "with vitkit.infer.zero_shot.zero_shot_model(clip, tokenizer, labels)"
                 )
-            model = load_zero_shot(model_or_dir, labels, templates)
+            model = load_zero_shot(model_or_dir, labels, templates, descriptions)
         elif isinstance(model_or_dir, ViT):
             model = model_or_dir
         else:

@@ -1,6 +1,7 @@
 """Zero-shot classification: a CLIP classifies images into labels written as text.
 
-Each label is put into prompt templates ("a photo of a {}."), the text tower embeds every
+Each label is put into prompt templates ("a photo of a {}."), optionally joined by sentences
+that describe it (a dictionary's definition, "a kind of footwear"), the text tower embeds every
 prompt, and a label's embeddings are averaged (CLIP's prompt ensembling). The image tower
 with those embeddings as its head (`ZeroShotHead`) is an ordinary vitkit classifier: it
 predicts, serves, evaluates, explains and optimises like any trained model.
@@ -9,12 +10,13 @@ predicts, serves, evaluates, explains and optimises like any trained model.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from vitkit.data.captions import label_prompts
 from vitkit.data.text import Tokenizer
 from vitkit.model.clip import CLIP, ZeroShotHead
 from vitkit.model.vit import ViT
@@ -26,6 +28,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 500
 MAX_TEMPLATES = 100
+MAX_DESCRIPTIONS = 100  # per label
 MAX_LABELS_FILE_BYTES = 4 * 2**20
 # Prompts embedded per call of the text tower.
 TEXT_BATCH = 256
@@ -66,6 +69,37 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return list(templates)
 
 
+def check_descriptions(descriptions: object) -> dict[str, list[str]]:
+    """Descriptions by label: a mapping of label to a list of sentences, each one short line."""
+    if not isinstance(descriptions, Mapping):
+        raise ValueError("descriptions must map each label to a list of sentences")
+    out = {}
+    for label, texts in descriptions.items():
+        if not isinstance(label, str) or not isinstance(texts, list):
+            raise ValueError(f"descriptions of {label!r}: expected a list of sentences")
+        if len(texts) > MAX_DESCRIPTIONS:
+            raise ValueError(f"{label!r} has {len(texts)} descriptions, over {MAX_DESCRIPTIONS}")
+        for text in texts:
+            if not isinstance(text, str) or not 0 < len(text) <= MAX_LABEL_CHARS:
+                raise ValueError(
+                    f"descriptions of {label!r}: each must be a string of 1 to "
+                    f"{MAX_LABEL_CHARS} characters"
+                )
+        out[label.strip()] = list(texts)
+    return out
+
+
+def read_descriptions(path: str | Path) -> dict[str, list[str]]:
+    """A JSON file mapping labels to sentences describing them (`check_descriptions`)."""
+    path = Path(path)
+    try:
+        return check_descriptions(read_json(path))
+    except OSError as e:
+        raise CheckpointError(f"{path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def split_labels(text: str) -> list[str]:
     """`--labels "cat,dog,a red car"`: comma-separated, blanks around them dropped."""
     return [part for part in (p.strip() for p in text.split(",")) if part]
@@ -98,17 +132,20 @@ def class_embeddings(
     tokenizer: Tokenizer,
     labels: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
+    descriptions: Mapping[str, Sequence[str]] | None = None,
 ) -> torch.Tensor:
-    """(labels, E): each label's prompts embedded, normalised, averaged, normalised again."""
+    """(labels, E): each label's prompts (templates, then its `descriptions`) embedded,
+    normalised, averaged, normalised again."""
     labels, templates = check_labels(labels), check_templates(templates)
-    prompts = [t.replace("{}", label) for label in labels for t in templates]
+    per_label = label_prompts(labels, templates, descriptions)
+    prompts = [p for texts in per_label for p in texts]
     device = next(clip.text.parameters()).device
     chunks = [
         clip.encode_text(tokenizer(prompts[i : i + TEXT_BATCH]).to(device))
         for i in range(0, len(prompts), TEXT_BATCH)
     ]
-    per_prompt = torch.cat(chunks).float().view(len(labels), len(templates), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+    per_prompt = torch.cat(chunks).float().split([len(texts) for texts in per_label])
+    return F.normalize(torch.stack([e.mean(dim=0) for e in per_prompt]), dim=-1)
 
 
 def zero_shot_model(
@@ -116,9 +153,10 @@ def zero_shot_model(
     tokenizer: Tokenizer,
     labels: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
+    descriptions: Mapping[str, Sequence[str]] | None = None,
 ) -> ViT:
     """The image tower as a classifier of `labels` (a copy; `clip` is left as it is)."""
-    classes = class_embeddings(clip, tokenizer, labels, templates)
+    classes = class_embeddings(clip, tokenizer, labels, templates, descriptions)
     with torch.no_grad():
         scale = clip.scale.item()
     model = copy.deepcopy(clip.visual).float()
@@ -129,11 +167,15 @@ def zero_shot_model(
 
 
 def load_zero_shot(
-    src: str | Path, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
+    src: str | Path,
+    labels: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    descriptions: Mapping[str, Sequence[str]] | None = None,
 ) -> ViT:
     """`zero_shot_model` of the CLIP in `src` (vitkit, Hugging Face or OpenCLIP directory)."""
     clip, tokenizer_file = load_clip(src)
-    return zero_shot_model(clip, load_tokenizer(clip, tokenizer_file), labels, templates)
+    tokenizer = load_tokenizer(clip, tokenizer_file)
+    return zero_shot_model(clip, tokenizer, labels, templates, descriptions)
 
 
 def load_tokenizer(clip: CLIP, path: Path) -> Tokenizer:

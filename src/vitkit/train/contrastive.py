@@ -136,8 +136,13 @@ def train_contrastive(
     config: ContrastiveConfig,
     out: str | Path | None = None,
     progress: bool = True,
+    features: torch.Tensor | None = None,
 ) -> ContrastiveResult:
-    """Train a CLIP (LiT when `config.lock_image`) on `pairs`; save it to `out` if given."""
+    """Train a CLIP (LiT when `config.lock_image`) on `pairs`; save it to `out` if given.
+    `features`: the locked tower's `tower_features` of `pairs.images`, if already computed
+    (runs that share a tower and images need them once)."""
+    if features is not None and (not config.lock_image or len(features) != len(pairs)):
+        raise ValueError("features are for a locked image tower, one row per pair")
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     texts = sorted({c for captions in pairs.captions for c in captions})
@@ -153,7 +158,8 @@ def train_contrastive(
     choices = [torch.tensor([row[c] for c in captions]) for captions in pairs.captions]
 
     feature_start = time.perf_counter()
-    features = tower_features(clip.visual, pairs.images, progress) if config.lock_image else None
+    if config.lock_image and features is None:
+        features = tower_features(clip.visual, pairs.images, progress)
     feature_seconds = time.perf_counter() - feature_start
     if config.lock_image:
         for p in clip.visual.parameters():
