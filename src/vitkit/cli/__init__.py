@@ -17,6 +17,7 @@ from vitkit.cli.eval import add_eval_command
 from vitkit.cli.explain import add_explain_command
 from vitkit.cli.export import add_export_command
 from vitkit.cli.info import add_info_command
+from vitkit.cli.inspect import add_inspect_command
 from vitkit.cli.models import add_models_command
 from vitkit.cli.optimize import add_optimize_command
 from vitkit.cli.predict import add_predict_command
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_command(sub)
     add_search_command(sub)
     add_explain_command(sub)
+    add_inspect_command(sub)
     add_export_command(sub)
     add_optimize_command(sub)
     add_serve_command(sub)

@@ -12,6 +12,9 @@ Zero-shot classification and a CLIP's image embeddings queue the image for the b
 prediction (the image tower's output is the embedding); the text tower's work, and a plain
 ViT's pooled embeddings, run on the model's thread between batches, at most
 `max_encodings` at once (`vitkit.serve.text`).
+
+The model's inspection (/v1/inspect: filters, position embeddings, attention distances) is
+computed once, when first asked for, on the explanations' thread, then kept.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from vitkit.data.preprocess import preprocess
 from vitkit.infer.embed import embed_images
 from vitkit.infer.explain import METHODS, explain_image
+from vitkit.infer.inspect import inspect_model
 from vitkit.model.vit import ViT
 from vitkit.serve.batcher import Answer, Labels, MicroBatcher, QueueFull
 from vitkit.serve.decode import (
@@ -66,6 +70,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _DECODE_WORKERS = min(4, os.cpu_count() or 1)
 # A busy service's answer: the queue drains within about a second under normal load.
 _RETRY_AFTER = {"Retry-After": "1"}
+# /v1/inspect measures attention on at most this many of the model's calibration images (its
+# own training images), once: under a second on one core for the shipped model.
+PROBE_IMAGES = 64
 
 T = TypeVar("T")
 
@@ -101,6 +108,7 @@ class Service:
         self._decoder: ThreadPoolExecutor | None = None
         self._compiling: asyncio.Task[None] | None = None
         self._explainer: ThreadPoolExecutor | None = None
+        self._inspection: asyncio.Future[dict[str, Any]] | None = None
 
     @property
     def engine(self) -> Engine:
@@ -135,6 +143,19 @@ class Service:
         """`fn(*args)` on the explanations' thread (the model is only read there, with
         autograd on in that thread alone, so predictions may use it at the same time)."""
         return await asyncio.get_running_loop().run_in_executor(self._explainer, fn, *args)
+
+    async def inspection(self) -> dict[str, Any]:
+        """The body of /v1/inspect: computed on the explanations' thread by the first request
+        (later ones wait for the same work), then kept; a failure is tried again next time."""
+        if self._inspection is None:
+            self._inspection = asyncio.ensure_future(self.explain(_inspect, self.model))
+        work = self._inspection
+        try:  # shielded: a client that leaves does not cancel the work the others wait for
+            return await asyncio.shield(work)
+        except Exception:
+            if self._inspection is work and work.done():
+                self._inspection = None
+            raise
 
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:
@@ -286,6 +307,29 @@ def _explain(
     png = io.BytesIO()
     result.overlay().save(png, "PNG")
     return result.labels, result.heatmap.round(4).tolist(), png.getvalue()
+
+
+@router.get(
+    "/v1/inspect",
+    summary="What the model learnt: filters, position embeddings, attention distances",
+)
+async def inspection(request: Request) -> JSONResponse:
+    """The analyses of the ViT paper (`vitkit inspect`): the filters that first see the
+    pixels, the similarity of the position embeddings, and each layer's and head's mean
+    attention distance (pixels) and entropy (nats), measured on a sample of the model's
+    calibration images (its own training images; a model without them has `attention`
+    null). The numbers, a `summary` in words and the `figures` as base64 PNGs; computed
+    once, then kept."""
+    service = _service(request)
+    return JSONResponse({**await service.inspection(), "model": service.name})
+
+
+def _inspect(model: ViT) -> dict[str, Any]:
+    """The inspection's numbers, its summary and its figures (base64 PNGs)."""
+    grid = 2 * model.config.grid_size
+    result = inspect_model(model, model.calibration, PROBE_IMAGES, grid, progress=False)
+    figures = {name: base64.b64encode(png).decode() for name, png in result.pngs().items()}
+    return {**result.to_dict(), "summary": result.summary(), "figures": figures}
 
 
 LabelsQuery = Annotated[

@@ -1,5 +1,6 @@
 // The page: choose or drop an image, show the top labels and the attention overlay. For a
-// CLIP (zero-shot), the labels are the user's, typed comma-separated.
+// CLIP (zero-shot), the labels are the user's, typed comma-separated. A second tab shows the
+// model's inspection (/v1/inspect): its filters, position embeddings and attention distances.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -12,6 +13,16 @@ let keyWanted = null; // { promise, resolve } while the page waits for an API ke
 let run = 0; // answers to an older choice are dropped
 let zeroShot = false; // the model classifies by the labels typed (/v1/zero-shot)
 const urls = { preview: null, overlay: null };
+const TABS = ["classify", "inspect"];
+// The inspection's figures, in the order shown, with what each says.
+const FIGURES = {
+  filters: "The filters that first see the pixels (left) and their top principal components",
+  position_similarity:
+    "How alike the patches' position embeddings are: each small map is one patch against all",
+  attention_distance: "How far each head attends, layer by layer: one dot per head",
+  attention_entropy: "How widely each head spreads its attention (higher: more evenly)",
+};
+let inspecting = false; // /v1/inspect is asked for once, when its tab is first opened
 
 function percent(p) {
   return `${(p * 100).toFixed(1)}%`;
@@ -82,21 +93,23 @@ function typedLabels() {
     .filter((label) => label);
 }
 
+// The service's answer, or an Error with its message for a refusal.
+async function checked(response) {
+  if (response.ok) return response;
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    message = (await response.json()).error || message;
+  } catch {
+    // not JSON: keep the status line
+  }
+  throw new Error(message);
+}
+
 async function post(path, file, params, fields = {}) {
   const body = new FormData();
   body.append("file", file);
   for (const [name, value] of Object.entries(fields)) body.append(name, value);
-  const response = await api(`${path}?${new URLSearchParams(params)}`, { method: "POST", body });
-  if (!response.ok) {
-    let message = `${response.status} ${response.statusText}`;
-    try {
-      message = (await response.json()).error || message;
-    } catch {
-      // not JSON: keep the status line
-    }
-    throw new Error(message);
-  }
-  return response;
+  return checked(await api(`${path}?${new URLSearchParams(params)}`, { method: "POST", body }));
 }
 
 function showLabels(labels) {
@@ -149,6 +162,7 @@ function labelsFor(file) {
 
 async function classify(file) {
   const token = ++run;
+  showTab("classify");
   current = file;
   setError("");
   $("status").textContent = `Classifying ${file.name || "the image"}…`;
@@ -185,6 +199,63 @@ async function reexplain() {
   }
 }
 
+function showTab(name) {
+  for (const tab of TABS) {
+    const selected = tab === name;
+    $(`tab-${tab}`).setAttribute("aria-selected", String(selected));
+    $(`tab-${tab}`).tabIndex = selected ? 0 : -1;
+    $(`${tab}-view`).hidden = !selected;
+  }
+  if (name === "inspect") inspectModel();
+}
+
+// Left and right arrows move between the tabs, as in any tab list.
+function tabKey(event) {
+  const step = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
+  if (!step) return;
+  const at = TABS.indexOf(event.target.id.replace("tab-", ""));
+  const next = TABS[(at + step + TABS.length) % TABS.length];
+  showTab(next);
+  $(`tab-${next}`).focus();
+}
+
+function inspectionFigure(caption, png) {
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = `data:image/png;base64,${png}`;
+  img.alt = caption;
+  const text = document.createElement("figcaption");
+  text.textContent = caption;
+  figure.append(img, text);
+  return figure;
+}
+
+async function inspectModel() {
+  if (inspecting) return;
+  inspecting = true;
+  $("inspect-error").hidden = true;
+  $("inspect-status").textContent = "Inspecting the model (the first time takes a few seconds)…";
+  try {
+    const body = await (await checked(await api("/v1/inspect"))).json();
+    $("inspect-summary").textContent = body.summary;
+    $("inspect-summary").hidden = false;
+    $("inspect-figures").replaceChildren(
+      ...Object.entries(FIGURES)
+        .filter(([name]) => body.figures[name])
+        .map(([name, caption]) => inspectionFigure(caption, body.figures[name])),
+    );
+    $("inspect-status").textContent = body.attention
+      ? `Attention measured on ${body.num_images} of the model's own training images.`
+      : "The model keeps no sample images, so its attention is not measured here " +
+        "(vitkit inspect MODEL --data DATA measures it).";
+  } catch (error) {
+    inspecting = false; // asked again when the tab is next opened
+    $("inspect-status").textContent = "";
+    $("inspect-error").textContent = `Could not inspect the model: ${error.message}`;
+    $("inspect-error").hidden = false;
+  }
+}
+
 async function describeModel() {
   try {
     const model = await (await api("/v1/model")).json();
@@ -210,6 +281,10 @@ function setUp() {
     if (file) classify(file);
   });
   $("method").addEventListener("change", reexplain);
+  for (const tab of TABS) {
+    $(`tab-${tab}`).addEventListener("click", () => showTab(tab));
+    $(`tab-${tab}`).addEventListener("keydown", tabKey);
+  }
   $("labels-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if (current) classify(current);
