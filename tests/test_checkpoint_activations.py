@@ -110,7 +110,7 @@ def test_flag_and_recipe_turn_it_on_for_training(tmp_path, digits):
     assert not _config(build_parser().parse_args(["train"])).checkpoint_activations
     cfg = _config(build_parser().parse_args(["train", "--checkpoint-activations"]))
     assert cfg.checkpoint_activations
-    model, _, _ = model_and_data(cfg, None, digits)
+    model, *_ = model_and_data(cfg, None, digits)
     assert model.grad_checkpointing
 
 

@@ -16,6 +16,7 @@ TRAIN_SETTINGS = (
     "data",
     "data_dir",
     "val_fraction",
+    "holdout",
     "stream",
     "workers",
     "image_column",
@@ -23,6 +24,7 @@ TRAIN_SETTINGS = (
     "model",
     "epochs",
     "batch_size",
+    "optimizer",
     "lr",
     "max_steps",
     "seed",
@@ -79,6 +81,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="held out of each class of a collection without its own val split (default: 0.1)",
     )
+    p.add_argument(
+        "--holdout",
+        type=int,
+        metavar="N",
+        help="a named dataset: validate (and pick best/) on N training images, the same ones "
+        "every run, and evaluate the test split once at the end (default: 0, validate on it)",
+    )
     memory = p.add_mutually_exclusive_group()
     memory.add_argument(
         "--stream",
@@ -106,6 +115,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--shard", action="store_true", default=None, help="FSDP2 over the processes (torchrun)"
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["adamw", "muon"],
+        help="muon: Muon for the encoder blocks' weight matrices, AdamW for the rest, one lr "
+        "(default: adamw)",
     )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)
@@ -156,10 +171,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank() == 0:
         acc = f"{result.val_acc:.4f}" if result.val_acc is not None else "n/a"
         first = result.first_step_seconds
+        test = result.test_acc
         print(
             f"{result.run_dir}: step {result.step}/{result.total_steps}, held-out accuracy "
             f"{acc}, {result.seconds / 60:.1f} min"
             + (f" (first step after {first:.1f} s)" if first is not None else "")
+            + (f"; test acc (final weights, evaluated once) {test:.4f}" if test is not None else "")
         )
     if result.stop_signal is not None:  # the shell's convention: 128 + the signal's number
         return 128 + result.stop_signal

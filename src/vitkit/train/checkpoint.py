@@ -1,9 +1,9 @@
-"""Training state (weights, optimiser, EMA, step): safetensors and JSON only, written so that a
+"""Training state (weights, optimisers, EMA, step): safetensors and JSON only, written so that a
 kill at any moment leaves the previous state whole, and resumed on any number of processes.
 
 A run keeps its states in `checkpoints/`:
 
-    step-<N>/           one complete state: state.json (step, settings, optimiser settings)
+    step-<N>/           one complete state: state.json (step, settings, optimisers' settings)
                         and safetensors files of tensors (one file per writing process)
     last.json           {"state": "step-<N>"}: the newest complete state
     step-<N>.partial/   a state being written; a kill leaves it behind, the next start drops it
@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +61,7 @@ class SavedState:
 def save(
     run_dir: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
     ema: list[torch.Tensor] | None,
     meta: dict[str, Any],
     sharded: bool,
@@ -80,7 +80,7 @@ def save(
         return  # a replicated state is rank 0's to write
     if final.is_dir():
         return  # saved already: stopped right after resuming
-    tensors, plain = _state_tensors(model, optimizer, ema)
+    tensors, plain = _state_tensors(model, optimizers, ema)
     dcp = _dcp()
     writer = dcp.HuggingFaceStorageWriter(
         str(partial), fqn_to_index_mapping=_files(tensors), save_distributed=True
@@ -151,12 +151,12 @@ def find_states(run_dir: Path, warn: bool = True) -> list[SavedState]:
 
 def restore(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
     ema: list[torch.Tensor] | None,
     state: SavedState,
 ) -> None:
-    """Load `state` into the model, optimiser and EMA, however they are sharded now."""
-    tensors, _ = _state_tensors(model, optimizer, ema)
+    """Load `state` into the model, optimisers and EMA, however they are sharded now."""
+    tensors, _ = _state_tensors(model, optimizers, ema)
     sharded = _is_sharded(model)
     dcp = _dcp()
     try:
@@ -168,7 +168,7 @@ def restore(
             )
         dcp.state_dict.set_state_dict(
             model,
-            optimizer,
+            optimizers,
             model_state_dict=tensors["model"],
             optim_state_dict={
                 "state": tensors["optimizer"],
@@ -185,12 +185,15 @@ def restore(
 
 
 def _state_tensors(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ema: list[torch.Tensor] | None
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    ema: list[torch.Tensor] | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Everything a state holds: its tensors (each as this process's shards, keyed by names,
-    not positions, so that any number of processes can load them) and the optimiser's
-    settings, which are plain numbers for state.json."""
-    weights, optim = _dcp().state_dict.get_state_dict(model, optimizer)
+    not positions, so that any number of processes can load them) and the optimisers'
+    settings, which are plain values for state.json. Several optimisers (AdamW and Muon) make
+    one state, each parameter's under its name: every parameter has one optimiser."""
+    weights, optim = _dcp().state_dict.get_state_dict(model, optimizers)
     for name, values in optim["state"].items():
         for key, value in values.items():
             if not isinstance(value, torch.Tensor):

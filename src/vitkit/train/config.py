@@ -18,6 +18,9 @@ class TrainConfig:
     data: str = "fashion-mnist"
     data_dir: str | None = None
     val_fraction: float = 0.1  # collections without their own validation split
+    # Named datasets: validate on this many training images (stratified, always the same ones)
+    # and evaluate the test split once, at the end; 0 validates on the test split.
+    holdout: int = 0
     # Collections (not named datasets): decode file by file in worker processes (True), into
     # memory (False), or whichever the memory budget allows (None: `data.stream.memory_budget`).
     stream: bool | None = None
@@ -32,6 +35,8 @@ class TrainConfig:
     batch_size: int = 256  # the global batch: all processes and micro-batches together
     grad_accum: int = 1  # micro-batches per process and step, their gradients added up
     shard: bool = False  # FSDP2: weights, gradients and optimiser state split across processes
+    # "muon": the encoder blocks' weight matrices follow Muon, everything else AdamW.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-3
     min_lr_factor: float = 0.01
     warmup_epochs: float = 1.0
@@ -82,6 +87,16 @@ class TrainConfig:
             raise ValueError(f"workers must be >= 0, got {cfg.workers}")
         if not cfg.save_every >= 0:
             raise ValueError(f"save_every must be >= 0 minutes, got {cfg.save_every}")
+        if cfg.holdout < 0:
+            raise ValueError(f"holdout must be >= 0 images, got {cfg.holdout}")
+        if cfg.optimizer == "muon" and cfg.linear_probe:
+            raise ValueError(
+                "optimizer muon trains the encoder's weight matrices; a linear "
+                "probe trains the head only: use adamw"
+            )
+        if cfg.optimizer == "muon" and cfg.shard:
+            # Newton-Schulz orthogonalises whole matrices; FSDP2 gives each process a slice.
+            raise ValueError("optimizer muon needs whole weight matrices: not with shard")
         return cfg
 
 

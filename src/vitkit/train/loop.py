@@ -1,7 +1,7 @@
-"""The training loop: in-memory or streamed data, batched augmentation, AdamW, warmup +
-cosine, EMA, per-epoch evaluation, checkpoints every few minutes and exact resume, on one
-process or many (torchrun). Ctrl-C and SIGTERM finish the step, save and stop; a kill loses at
-most the time since the last save.
+"""The training loop: in-memory or streamed data, batched augmentation, AdamW (or Muon and
+AdamW), warmup + cosine, EMA, per-epoch validation and one test evaluation at the end,
+checkpoints every few minutes and exact resume, on one process or many (torchrun). Ctrl-C and
+SIGTERM finish the step, save and stop; a kill loses at most the time since the last save.
 
 Every step draws its randomness (batch order, augmentation, dropout) from generators seeded by
 (seed, epoch, step), so a run resumed from any step retraces the uninterrupted one exactly. With
@@ -35,6 +35,7 @@ from tqdm import tqdm
 import vitkit.train.checkpoint as checkpoint
 import vitkit.train.distributed as distributed
 from vitkit.data import ImageDataset, ImageStream
+from vitkit.data.sources import source_kind
 from vitkit.data.transforms import TrainTransform
 from vitkit.evaluate import evaluate
 from vitkit.model.vit import ViT
@@ -44,7 +45,7 @@ from vitkit.runtime import release_freed_memory, reuse_freed_memory
 from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
-from vitkit.train.optim import build_optimizer, lr_factor
+from vitkit.train.optim import build_optimizers, lr_factor
 from vitkit.train.setup import Data, model_and_data, read_saved, use_bf16
 from vitkit.weights import CheckpointError, atomic_write, save_model
 
@@ -71,6 +72,8 @@ class TrainResult:
     stop_signal: int | None = None
     # From `train`'s call to the end of this call's first step (loading, set-up, first batch).
     first_step_seconds: float | None = None
+    # The test split's accuracy, evaluated once at the last step (with `holdout` only).
+    test_acc: float | None = None
 
 
 @dataclass
@@ -89,17 +92,19 @@ class Run:
     model: ViT
     plain: ViT
     net: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # AdamW, or AdamW and Muon
     ema: list[torch.Tensor] | None
     autocast: torch.autocast
     parts: list[tuple[int, slice, float]]
     # The data: training images and labels on the device (images None when streamed, read
-    # by `stream` instead), their augmentation, held-out data.
+    # by `stream` instead), their augmentation, validation data, and the test split that is
+    # evaluated once at the end (with `holdout`; otherwise it validates, as `val_ds`).
     images: torch.Tensor | None
     labels: torch.Tensor
     stream: ImageStream | None
     transform: TrainTransform
     val_ds: ImageDataset | ImageStream
+    test_ds: ImageDataset | ImageStream | None
     # The schedule, in steps.
     steps_per_epoch: int
     total: int
@@ -109,6 +114,7 @@ class Run:
     step: int = 0
     best: float | None = None
     val_acc: float | None = None
+    test_acc: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     # (images, correct predictions, summed loss) of the epoch so far
     sums: tuple[int, int, float] = (0, 0, 0.0)
@@ -135,7 +141,9 @@ def train(
 ) -> TrainResult:
     """Train a ViT as `cfg` says, writing everything into `run_dir` (itself a model dir).
 
-    `datasets` (train, held-out) replaces loading `cfg.data`, e.g. for data already in memory.
+    `datasets` (train, held-out) replaces loading `cfg.data`, e.g. for data already in memory;
+    with `cfg.holdout`, validation is held out of its training part and its held-out part is
+    the test split.
     Under torchrun every process calls this and trains on its part of each batch; rank 0
     alone evaluates, logs and writes the model, and all return the same result. `on_step`,
     if given, is called in every process after each step with the number of steps done.
@@ -170,7 +178,9 @@ def _start(
     """The run set up: resumed from the newest of `states` that loads, or new; rank 0 writes
     its settings and log."""
     dev = world.device
-    model, train_ds, val_ds = model_and_data(cfg, states[0] if states else None, datasets)
+    model, train_ds, val_ds, test_ds = model_and_data(cfg, states[0] if states else None, datasets)
+    if progress:
+        _say_what_validates(cfg, val_ds)
     if not states and str(cfg.init).startswith(("hf:", "timm:")):
         # A Hub name pinned to the commit it resolved to, so that train.json reproduces it.
         cfg = dataclasses.replace(cfg, init=model.config.source or cfg.init)
@@ -202,7 +212,9 @@ def _start(
         # Sharded, the model is nowhere whole: rank 0 keeps a plain copy to evaluate and save.
         plain=copy.deepcopy(model) if cfg.shard and world.main else model,
         net=distributed.wrap(model, world, cfg.shard),
-        optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, fused),
+        optimizers=build_optimizers(
+            model, cfg.lr, cfg.weight_decay, cfg.layer_decay, fused, cfg.optimizer == "muon"
+        ),
         ema=[p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None,
         autocast=torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)),
         parts=parts,
@@ -213,6 +225,7 @@ def _start(
             augment, model.config.mean, model.config.std, len(train_ds.classes)
         ),
         val_ds=val_ds,
+        test_ds=test_ds,
         steps_per_epoch=steps_per_epoch,
         total=total,
         warmup=max(1, round(cfg.warmup_epochs * steps_per_epoch)),
@@ -230,9 +243,23 @@ def _start(
     return run
 
 
+def _say_what_validates(cfg: TrainConfig, val_ds: Data) -> None:
+    """Which images the per-epoch validation (and the choice of best/) looks at."""
+    if cfg.holdout:
+        print(
+            f"validation: {cfg.holdout:,} training images held out (seed fixed); "
+            "test split evaluated once at the end"
+        )
+    elif source_kind(cfg.data) is None:
+        print(
+            f"validation: the test split ({len(val_ds):,} images); --holdout N validates on "
+            "N training images instead"
+        )
+
+
 def _resume(run: Run, states: list[SavedState]) -> None:
     """Carry on from the newest state that loads: weights, optimiser, EMA, progress and log."""
-    state = _restore(states, run.model, run.optimizer, run.ema, run.world.main)
+    state = _restore(states, run.model, run.optimizers, run.ema, run.world.main)
     run.world.check_same(state.step, "the step to resume from")
     run.step, run.best = state.step, state.meta["best_val_acc"]
     run.history = [m for m in _read_metrics(run.run_dir) if m["step"] <= run.step]
@@ -272,6 +299,7 @@ def _train(run: Run, on_step: StepHook | None) -> TrainResult:
         stop,
         received,
         run.first_step,
+        run.test_acc,
     )
 
 
@@ -377,10 +405,11 @@ def _update(
 ) -> tuple[float, int]:
     """One optimisation step at `run.lr`, on this process's micro-batches of the global batch
     (x, targets); returns their summed loss and their number of correct predictions."""
-    cfg, optimizer = run.cfg, run.optimizer
-    for group in optimizer.param_groups:
-        group["lr"] = run.lr * group["lr_scale"]
-    optimizer.zero_grad(set_to_none=True)
+    cfg = run.cfg
+    for optimizer in run.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = run.lr * group["lr_scale"]
+        optimizer.zero_grad(set_to_none=True)
     hard = targets if targets.ndim == 1 else targets.argmax(-1)
     loss_sum, correct = 0.0, 0
     for k, (j, part, weight) in enumerate(run.parts):
@@ -396,7 +425,8 @@ def _update(
         correct += int((logits.argmax(-1) == hard[part]).sum())
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    for optimizer in run.optimizers:
+        optimizer.step()
     if run.ema is not None:
         params = distributed.local(run.model.parameters())
         torch._foreach_lerp_(distributed.local(run.ema), params, 1.0 - cfg.ema_decay)
@@ -404,8 +434,9 @@ def _update(
 
 
 def _end_epoch(run: Run) -> None:
-    """Rank 0 evaluates (the EMA weights if kept), logs, and saves the model and the best one
-    so far; every process learns the accuracies."""
+    """Rank 0 validates (the EMA weights if kept), logs, and saves the model and the best one
+    so far; at the run's last step it evaluates the test split too, once, on the weights it
+    saves (never to choose). Every process learns the accuracies."""
     model, ema = _whole(run)
     if run.world.main:
         images, correct, loss = run.sums
@@ -426,13 +457,28 @@ def _end_epoch(run: Run) -> None:
             release_freed_memory()  # the steps' activations, kept for the next step
             with run.autocast:
                 report = evaluate(model, run.val_ds, progress=False)
+                test = None
+                if run.test_ds is not None and run.step == run.stop_after:
+                    test = evaluate(model, run.test_ds, progress=False)
             save_model(model, run.run_dir)
             if run.best is None or report.top1 > run.best:
                 run.best = report.top1
                 save_model(model, run.run_dir / BEST_DIR)
         run.val_acc = report.top1
-        _log(run, metrics | {"val_loss": report.loss, "val_acc": report.top1})
-    run.val_acc, run.best = run.world.broadcast((run.val_acc, run.best))
+        metrics |= {
+            "val_loss": report.loss,
+            "val_acc": report.top1,
+            "val_images": report.num_images,
+        }
+        if test is not None:
+            run.test_acc = test.top1
+            metrics |= {
+                "test_loss": test.loss,
+                "test_acc": test.top1,
+                "test_images": test.num_images,
+            }
+        _log(run, metrics)
+    run.val_acc, run.best, run.test_acc = run.world.broadcast((run.val_acc, run.best, run.test_acc))
 
 
 def _report_skipped(run_dir: Path, skipped: dict[str, None], progress: bool) -> None:
@@ -467,6 +513,8 @@ def _log(run: Run, metrics: dict[str, Any]) -> None:
     if run.progress:
         acc, loss = metrics["val_acc"], metrics["val_loss"]
         print(f"  val acc {acc:.4f}  val loss {loss:.4f}  (best {run.best:.4f})")
+        if "test_acc" in metrics:
+            print(f"  test acc (final weights, evaluated once) {metrics['test_acc']:.4f}")
 
 
 def _save(run: Run) -> None:
@@ -479,7 +527,7 @@ def _save(run: Run) -> None:
         "model_config": run.model.config.to_dict(),
     }
     sharded, main = run.cfg.shard, run.world.main
-    checkpoint.save(run.run_dir, run.model, run.optimizer, run.ema, meta, sharded, main)
+    checkpoint.save(run.run_dir, run.model, run.optimizers, run.ema, meta, sharded, main)
     run.last_save = time.perf_counter()
 
 
@@ -531,7 +579,7 @@ def _gen(seed: int, epoch: int, step: int) -> torch.Generator:
 def _restore(
     states: list[SavedState],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     ema: list[torch.Tensor] | None,
     main: bool,
 ) -> SavedState:
@@ -543,7 +591,7 @@ def _restore(
             errors.append(f"{state.path}: saved with other settings than {states[0].path}")
             continue
         try:
-            checkpoint.restore(model, optimizer, ema, state)
+            checkpoint.restore(model, optimizers, ema, state)
         except CheckpointError as e:
             errors.append(str(e))
             continue

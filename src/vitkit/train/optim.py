@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine schedule."""
+"""AdamW with decoupled weight decay on matrices only (or Muon for the encoder's weight
+matrices and AdamW for the rest), and a warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -60,6 +61,44 @@ def build_optimizer(
     tensors, so sharded training keeps the default (foreach) implementation."""
     groups = param_groups(model, weight_decay, layer_decay)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def build_optimizers(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    fused: bool = False,
+    muon: bool = False,
+) -> list[torch.optim.Optimizer]:
+    """AdamW alone, or with `muon` Muon for the encoder blocks' weight matrices (see
+    `is_muon_weight`) and AdamW for everything else. Each group keeps its `lr_scale`, so
+    that one schedule (and layer decay) drives both."""
+    if not muon:
+        return [build_optimizer(model, lr, weight_decay, layer_decay, fused)]
+    chosen = {id(p) for name, p in model.named_parameters() if is_muon_weight(name, p)}
+    matrices, rest = [], []
+    for group in param_groups(model, weight_decay, layer_decay):
+        mine = [p for p in group["params"] if id(p) in chosen]
+        others = [p for p in group["params"] if id(p) not in chosen]
+        matrices += [group | {"params": mine}] if mine else []
+        rest += [group | {"params": others}] if others else []
+    # "match_rms_adamw" (Moonshot, "Muon is Scalable for LLM Training") scales each update to
+    # the RMS of AdamW's, so the recipe's AdamW lr and weight decay (in the groups) serve Muon
+    # as they are; torch's default ("original", Keller Jordan's) would need an lr of its own,
+    # 0.02 in its authors' runs. Both decay weights by lr x weight_decay, as AdamW does.
+    return [
+        torch.optim.AdamW(rest, lr=lr, fused=fused or None),
+        torch.optim.Muon(matrices, lr=lr, adjust_lr_fn="match_rms_adamw"),
+    ]
+
+
+def is_muon_weight(name: str, p: torch.Tensor) -> bool:
+    """The encoder blocks' weight matrices: attention qkv and proj, MLP fc1 and fc2. The
+    hybrid's convolution kernels stay on AdamW: Muon's authors reshape kernels to 2-D, but
+    torch's Muon takes 2-D tensors only. Embeddings, tokens, norms, biases and the head are
+    not hidden-layer matrices, which is all Muon is meant for."""
+    return p.ndim == 2 and name.startswith("blocks.")
 
 
 def lr_factor(step: int, total: int, warmup: int, min_factor: float = 0.0) -> float:

@@ -35,6 +35,9 @@ Data = ImageDataset | ImageStream
 FOLDER_IMAGE_SIZE = 64
 # A streamed dataset's normalisation is measured on this many of its images.
 STATS_IMAGES = 512
+# The held-out images (`holdout`) are drawn with this seed, not the run's: every run and seed
+# of a recipe validates on the same images.
+HOLDOUT_SEED = 20_240_622
 # What a recipe's [model] may change in a pretrained model: regularisation and the evaluation
 # crop, not weights.
 FINETUNE_OVERRIDES = frozenset({"dropout", "attn_dropout", "drop_path", "crop_pct"})
@@ -103,6 +106,39 @@ def load_splits(
     )
 
 
+def holdout_indices(labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out) of a split, `n` held out, each class in proportion to its
+    size, always the same ones (`HOLDOUT_SEED`); both sorted, in the data's order."""
+    if not 0 <= n < len(labels):
+        raise ValueError(
+            f"holdout {n}: must be >= 0 and less than the {len(labels)} training images"
+        )
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    shuffled = labels[order]
+    # Each image's place within its class (in shuffled order) as a share of the class: the n
+    # smallest shares take every class in proportion; ties go by the shuffled order.
+    share = torch.empty(len(labels), dtype=torch.float64)
+    for c in shuffled.unique():
+        members = shuffled == c
+        count = int(members.sum())
+        share[members] = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    held[order[torch.argsort(share, stable=True)[:n]]] = True
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
+
+
+def hold_out(cfg: TrainConfig, train: Data, held: Data) -> tuple[Data, Data, Data | None]:
+    """(training, validation, test) data: with `cfg.holdout`, validation is that many training
+    images and the held-out split becomes the test split (evaluated once, at the end);
+    without, the held-out split validates and there is no test split."""
+    if not cfg.holdout:
+        return train, held, None
+    if not isinstance(train, ImageDataset):
+        raise ValueError("holdout needs the training images in memory (a named dataset)")
+    kept, val = holdout_indices(train.labels, cfg.holdout)
+    return train.subset(kept), train.subset(val), held
+
+
 def images_of(data: Data, n: int, seed: int = 0) -> torch.Tensor:
     """Up to `n` of the data's uint8 images, a fixed random sample (all, in memory)."""
     if isinstance(data, ImageStream):
@@ -122,9 +158,14 @@ def model_and_data(
     cfg: TrainConfig,
     state: SavedState | None,
     datasets: tuple[Data, Data] | None,
-) -> tuple[ViT, Data, Data]:
-    """The model to train and its data: resumed from `state`, fine-tuned from `cfg.init`, or
-    new from a preset fitted to the data."""
+) -> tuple[ViT, Data, Data, Data | None]:
+    """The model to train and its data (training, validation, test; see `hold_out`): resumed
+    from `state`, fine-tuned from `cfg.init`, or new from a preset fitted to the data."""
+    if cfg.holdout and source_kind(cfg.data) is not None:  # said before a long decode
+        raise ValueError(
+            "holdout is for named datasets; a collection validates on val_fraction of its "
+            "images (or its own val split)"
+        )
     pretrained = load_pretrained(cfg.init) if cfg.init and state is None else None
     if state is not None:
         config = read_saved(state, "model_config", ViTConfig.from_dict)
@@ -140,7 +181,9 @@ def model_and_data(
     # A new model's `in_channels` override converts the data (e.g. a folder to grey).
     channels = config.in_channels if config else cfg.model_overrides.get("in_channels")
     crop_pct = cfg.model_overrides.get("crop_pct", config.crop_pct if config else 1.0)
-    train_ds, val_ds = datasets or load_splits(cfg, size, channels, crop_pct)
+    train_ds, val_ds, test_ds = hold_out(
+        cfg, *(datasets or load_splits(cfg, size, channels, crop_pct))
+    )
     if pretrained is not None:
         model = _fit_pretrained(pretrained, cfg, train_ds)
     else:
@@ -151,7 +194,7 @@ def model_and_data(
     if cfg.linear_probe:  # train the head only
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("head.", "head_dist.")))
-    return model, train_ds, val_ds
+    return model, train_ds, val_ds, test_ds
 
 
 def _fit_pretrained(model: ViT, cfg: TrainConfig, train: Data) -> ViT:

@@ -1,0 +1,108 @@
+"""Muon for the encoder blocks' weight matrices, AdamW for everything else: an exact partition,
+one schedule, and a saved state that resumes to the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitkit import create_model, load_model
+from vitkit.cli import build_parser
+from vitkit.cli.train import _config
+from vitkit.data import load_dataset
+from vitkit.train import TrainConfig, train
+from vitkit.train.optim import build_optimizers
+
+TINY = {"image_size": 8, "patch_size": 2, "width": 32, "depth": 2, "heads": 2}
+# The encoder's matrices, block by block: all that Muon takes.
+MATRICES = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pytest.importorskip("sklearn")
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def tiny_config(**kw) -> TrainConfig:
+    settings = {
+        "data": "digits",
+        "model": "Ti/4@28",
+        "model_overrides": TINY,
+        "optimizer": "muon",
+        "epochs": 1,
+        "batch_size": 128,
+        "lr": 2e-3,
+        "warmup_epochs": 0.5,
+        "precision": "fp32",
+        "ema_decay": 0.9,
+        "augment": {"crop_padding": 1},
+    }
+    return TrainConfig.from_dict(settings | kw)
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_every_parameter_has_exactly_one_optimiser(layer_decay):
+    # The hybrid: its convolution kernels (4-D) stay on AdamW.
+    model = create_model(
+        "Ti/7@28", image_size=32, width=32, heads=2, depth=2, patch_size=1, resnet_layers=[1]
+    )
+    adamw, muon = build_optimizers(model, 1e-3, 0.05, layer_decay, muon=True)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    owned = [[names[id(p)] for g in o.param_groups for p in g["params"]] for o in (adamw, muon)]
+    assert sorted(owned[0] + owned[1]) == sorted(names.values())  # each once, none left out
+    assert sorted(owned[1]) == sorted(f"blocks.{i}.{m}" for i in range(2) for m in MATRICES)
+    assert any(n.startswith("patch_embed.backbone") and n.endswith("conv.weight") for n in owned[0])
+    assert all(g["weight_decay"] == 0.05 for g in muon.param_groups)
+    # Layer decay: the blocks' Muon groups keep their layer's lr scale.
+    scales = sorted(g["lr_scale"] for g in muon.param_groups)
+    assert scales == ([0.25, 0.5] if layer_decay else [1.0])
+
+
+def test_muon_refuses_what_it_cannot_train():
+    with pytest.raises(ValueError, match="linear probe trains the head only"):
+        tiny_config(linear_probe=True)
+    with pytest.raises(ValueError, match="not with shard"):
+        tiny_config(shard=True)
+    assert _config(build_parser().parse_args(["train", "--optimizer", "muon"])).optimizer == "muon"
+
+
+def test_a_few_steps_reduce_the_loss(digits):
+    images, labels = digits[0].images[:128].float() / 255, digits[0].labels[:128]
+    model = create_model("Ti/4@28", seed=0, **TINY)
+    # A zero head would stop every gradient before the blocks.
+    torch.nn.init.normal_(model.head.weight, std=0.02, generator=torch.Generator().manual_seed(0))
+    optimizers = build_optimizers(model, 5e-3, 0.05, muon=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(model(images), labels)
+        for o in optimizers:
+            o.zero_grad()
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.92 * losses[0], losses  # 2.31 -> 2.01 when written
+    after = dict(model.named_parameters())
+    assert all(
+        not torch.equal(before[n], after[n]) for n in ("blocks.0.mlp.fc1.weight", "head.weight")
+    )
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(digits, tmp_path):
+    full = train(tiny_config(), tmp_path / "full", progress=False, datasets=digits)
+    train(tiny_config(max_steps=5), tmp_path / "part", progress=False, datasets=digits)
+    state = json.loads(next((tmp_path / "part/checkpoints").glob("step-5/state.json")).read_text())
+    kinds = {g.get("adjust_lr_fn", "adamw") for g in state["param_groups"]}
+    assert kinds == {"adamw", "match_rms_adamw"}  # both optimisers' settings are saved
+    resumed = train(TrainConfig(), tmp_path / "part", resume=True, progress=False, datasets=digits)
+    assert resumed.step == full.step == len(digits[0]) // 128
+    a, b = load_model(tmp_path / "full").state_dict(), load_model(tmp_path / "part").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.val_acc == full.val_acc
