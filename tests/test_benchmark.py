@@ -61,6 +61,7 @@ def test_each_row_is_a_share_of_its_own_precisions_peak() -> None:
     assert " - " in report(results, {"fp32": 0.2, "bf16": 0.8}).splitlines()[1]
 
 
+@pytest.mark.slow
 def test_the_int8_peak_is_measured_through_onednn() -> None:
     assert benchmark.int8_matmul_peak(repeats=1) > 0
     isa, kernel = benchmark.int8_kernel().split("; ")

@@ -103,6 +103,7 @@ def digits():
     )
 
 
+@pytest.mark.slow
 def test_flag_and_recipe_turn_it_on_for_training(tmp_path, digits):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('[train]\ndata = "digits"\ncheckpoint_activations = true\n')
@@ -136,6 +137,7 @@ def plain_run(digits, tmp_path_factory) -> dict[str, torch.Tensor]:
     return _train(tmp_path_factory.mktemp("plain"), digits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard", [False, True], ids=["plain", "fsdp"])
 def test_training_run_ends_with_the_same_weights(tmp_path, digits, plain_run, shard):
     """A few steps with every random draw: the same weights with checkpointing as without, on

@@ -78,6 +78,7 @@ def _tiny_clip() -> CLIP:
 
 
 # -- Hugging Face -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("eos", [99, 2])  # 2: older configs, pooled at the largest id
 def test_hf_clip_model_both_towers_match(transformers, tmp_path, eos):
     text = TEXT | {"eos_token_id": eos, "bos_token_id": 98, "pad_token_id": 0}

@@ -183,6 +183,7 @@ def test_auto_candidates_follow_the_cpu(monkeypatch):
     assert compiled_module.variant("int8") == "int8"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["onnx-fp32", "onnx-int8"])
 def test_an_onnx_package_is_built_signed_and_matches(tmp_path, variant):
     model = small_model()
@@ -229,6 +230,7 @@ def built(tmp_path_factory):
     return model, directory, build_compiled(model, "fp32", 4, directory, lambda line: None)
 
 
+@pytest.mark.slow
 def test_serve_runs_int8_in_onnx_runtime_where_the_cpu_lacks_vnni(tmp_path, monkeypatch):
     """`vitkit serve --precision int8` on an AVX2-only CPU: ONNX Runtime's int8, whole batches
     per call (it releases the interpreter lock, so nothing is split for the event loop)."""

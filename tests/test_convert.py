@@ -268,6 +268,7 @@ def _write_google_npz(ref, path, big_vision: bool) -> None:
     np.savez(path, **w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("big_vision", [False, True])
 def test_google_npz_parity_with_timms_loader(timm, tmp_path, big_vision):
     from timm.models.vision_transformer import _load_weights

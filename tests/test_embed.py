@@ -244,6 +244,7 @@ def test_eval_knn_command_on_a_toy_problem(model_dir, monkeypatch, capsys):
         assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_knn_on_fashion_mnist_features(tmp_path, monkeypatch, capsys):
     """The shipped model's features: DINO's k-NN against the first 2,000 training images
     scores the first 500 test images 94.2% top-1, 98.6% top-5 (bench/knn_accuracy.py: 94.0%

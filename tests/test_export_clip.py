@@ -103,6 +103,7 @@ def test_both_towers_are_written_and_checked(clip_dir, tmp_path, capsys):
     assert onnx_session(tmp_path / "m.text.onnx").get_inputs()[0].shape[0] == "batch"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_text_file_gives_the_text_towers_embeddings(clip_dir, exported, batch):
     clip, tokenizer_file = load_clip(clip_dir[0])

@@ -86,6 +86,7 @@ def _timm_model(timm, name: str, size: int, **kw):
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_timm_parity_at_native_and_new_resolution(timm, family):
     name, size, options = FAMILIES[family]
@@ -218,6 +219,7 @@ def test_distilled_heads_average_in_training_and_reset_together():
     assert flops(model.config) - flops(plain) > 2 * 192 * 3  # a token more, and a head
 
 
+@pytest.mark.slow
 def test_clip_activation_follows_the_weights(timm, tmp_path):
     # timm runs OpenAI's CLIP weights with GELU under the plain name and notes that they are
     # "natively QuickGELU": vitkit runs them as trained, or as timm does when asked.
@@ -299,6 +301,7 @@ def test_hugging_face_export_refuses_what_its_vit_lacks(tmp_path, option):
 
 
 # -- SwiGLU (DINOv2's giant) and MAE ---------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2"])
 def test_dinov2_giant_config_is_timms_model(timm, name):
     with torch.device("meta"):  # 1.1 billion parameters: shapes only
@@ -395,6 +398,7 @@ def test_mae_checkpoint_loads_without_its_decoder(timm, tmp_path, fine_tuned):
 END_TO_END = {"deit": 224, "dinov2": 56, "clip-quickgelu": 64, "mae": 224}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(END_TO_END))
 def test_an_image_file_gives_timms_outputs_through_its_own_transform(timm, tmp_path, family):
     """From a photo file to outputs: vitkit's decoding and preprocessing (read from the

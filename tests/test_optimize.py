@@ -51,6 +51,7 @@ def test_bf16_keeps_predictions(fashion):
     assert agree >= 0.99 and abs(delta) <= 0.005 and prob < 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
 def test_int8_keeps_predictions_at_any_batch_size(fashion, backend, monkeypatch):
     if backend == "onednn" and runtime.int8_backend() != "onednn":

@@ -152,6 +152,7 @@ def test_a_state_of_another_model_is_a_clear_error(tmp_path):
         ({"model_config": {"width": 2**40}}, "width"),
     ],
 )
+@pytest.mark.slow
 def test_a_tampered_state_json_is_refused_naming_the_file(tmp_path, change, field):
     run = tmp_path / "run"
     train(tiny_config(max_steps=3), run, progress=False)

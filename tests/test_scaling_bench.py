@@ -41,6 +41,7 @@ def test_subsets_are_stratified_and_nested(scaling):
     assert all(tuple(x.flatten().tolist()) in rows for x in small.images)
 
 
+@pytest.mark.slow
 def test_grid_runs_and_summarises(scaling, tmp_path):
     data = {px: (fake(300, px, 1), fake(60, px, 2)) for px in (28, 32)}
     seen = []

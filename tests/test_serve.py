@@ -186,6 +186,7 @@ def test_loopback_hosts_for_the_host_check():
         assert loopback_hosts(host) is None  # reachable under other names: any Host
 
 
+@pytest.mark.slow
 def test_a_headless_model_is_refused_at_start_up(tmp_path):
     headless = create_model("Ti/4@28", width=64, depth=2, heads=2, num_classes=0)
     with pytest.raises(ValueError, match=r"no classification head \(num_classes=0\)"):

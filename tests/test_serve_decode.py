@@ -143,6 +143,7 @@ def test_images_up_to_twice_the_input_size_decode_exactly_as_before(size):
 @pytest.mark.parametrize(
     "mode", ["RGB", *(pytest.param(m, marks=pytest.mark.slow) for m in ("RGBA", "P", "I;16", "F"))]
 )
+@pytest.mark.slow
 def test_a_large_image_decodes_as_before_within_a_small_tolerance(mode):
     # Reducing by whole blocks to >= 2x the input size, then resizing, is what Pillow's own
     # `reducing_gap=2` does: block averages differ from the bicubic filter's weights only in

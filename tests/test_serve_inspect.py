@@ -48,6 +48,7 @@ def counting_inspections(monkeypatch, fail_first: bool = False) -> list[str]:
     return runs
 
 
+@pytest.mark.slow
 def test_inspection_of_the_calibration_images_is_computed_once(monkeypatch):
     runs = counting_inspections(monkeypatch)
     with TestClient(create_app(small_model(calibration_images=80))) as client:
@@ -78,6 +79,7 @@ def test_without_calibration_images_only_the_weights_are_inspected():
     assert "no images" in body["summary"]
 
 
+@pytest.mark.slow
 def test_a_failed_inspection_is_tried_again(monkeypatch):
     runs = counting_inspections(monkeypatch, fail_first=True)
     with TestClient(create_app(small_model(8)), raise_server_exceptions=False) as client:

@@ -100,6 +100,7 @@ def test_bad_pool_settings_are_refused(overrides, message):
 
 
 # -- timm -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_timm_siglip_parity(timm):
     ref = timm.create_model(TIMM_NAME, pretrained=False, depth=2, img_size=64, num_classes=5)
     ref = _randomise(ref)

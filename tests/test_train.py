@@ -222,6 +222,7 @@ def test_dataset_smaller_than_batch(tmp_path):
         train(tiny_config(), tmp_path / "r", progress=False, datasets=(ds, ds))
 
 
+@pytest.mark.slow
 def test_cli_trains_and_evaluates_an_image_folder(tmp_path, capsys):
     """An image folder split by fraction: eval's default split is the part training held out."""
     from PIL import Image

@@ -86,6 +86,7 @@ def config(data: str, **kw) -> TrainConfig:
     return TrainConfig.from_dict(settings | kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("write", [as_shards, as_hf, as_manifest])
 def test_a_collection_trains_and_evaluates(folder, tmp_path, write, capsys):
     data = write(folder, tmp_path / "collection")
@@ -104,6 +105,7 @@ def test_a_collection_trains_and_evaluates(folder, tmp_path, write, capsys):
     assert report["top1"] == pytest.approx(result.val_acc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("write", [as_shards, as_hf, as_manifest])
 def test_in_memory_and_streamed_hold_the_same_images(folder, tmp_path, write):
     data = write(folder, tmp_path / "collection")
