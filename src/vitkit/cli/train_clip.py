@@ -27,6 +27,8 @@ from vitkit.train.contrastive import ContrastiveConfig, ContrastiveResult, train
 from vitkit.weights import load_pretrained
 
 ZERO_SHOT_FILE = "zero_shot.json"
+# Sentences describing each class (--descriptions), or None.
+Descriptions = dict[str, list[str]] | None
 
 
 def add_train_clip_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -104,18 +106,19 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         seed=args.seed,
     )
-    pairs, test = _pairs(args, tower)
+    described = descriptions(args)  # read once: the captions and both reports use it
+    pairs, test = _pairs(args, tower, described)
     how = "locked" if lock else "trained"
     note("train-clip", f"{len(pairs):,} captioned images; image tower {how}")
     result = train_contrastive(tower, pairs, config, args.out)
     note("train-clip", f"trained in {result.seconds:.0f} s; wrote {args.out}")
     if test is not None:
-        _zero_shot_report(args, result, pairs, test)
+        _zero_shot_report(args, result, pairs, test, described)
     return 0
 
 
 def _pairs(
-    args: argparse.Namespace, tower: ViT
+    args: argparse.Namespace, tower: ViT, described: Descriptions
 ) -> tuple[CaptionedImages, data.ImageDataset | None]:
     """The training pairs, and for a labelled dataset its test split (for zero-shot)."""
     c = tower.config
@@ -130,7 +133,6 @@ def _pairs(
     train = data.load_dataset(args.data, split="train", **load)
     test = data.load_dataset(args.data, split="test", **load)
     classes = split_labels(args.classes) if args.classes else None
-    described = descriptions(args)
     return captions_from_labels(train, templates(args), classes, descriptions=described), test
 
 
@@ -139,12 +141,11 @@ def _zero_shot_report(
     result: ContrastiveResult,
     pairs: CaptionedImages,
     test: data.ImageDataset,
+    described: Descriptions,
 ) -> None:
     """Zero-shot accuracy on the test split against every class name: on the classes it
     was trained on and, separately, on those it never saw."""
-    model = zero_shot_model(
-        result.clip, result.tokenizer, test.classes, templates(args), descriptions(args)
-    )
+    model = zero_shot_model(result.clip, result.tokenizer, test.classes, templates(args), described)
     report = evaluate(model, test, batch_size=256)
     seen = set(pairs.labels.unique().tolist()) if pairs.labels is not None else set()
     counts = torch.bincount(test.labels, minlength=len(test.classes))
@@ -157,7 +158,7 @@ def _zero_shot_report(
             summary[f"{name}_classes"] = [test.classes[i] for i in classes]
     unseen = groups["unseen"]
     if len(unseen) >= 2:  # the classic zero-shot test: the unseen classes' images and labels only
-        summary["top1_unseen_only"] = _unseen_only(args, result, test, unseen)
+        summary["top1_unseen_only"] = _unseen_only(args, result, test, unseen, described)
         summary["chance_unseen_only"] = 1 / len(unseen)
     summary["per_class"] = report.per_class
     atomic_write(args.out / ZERO_SHOT_FILE, json.dumps(summary, indent=1) + "\n")
@@ -165,7 +166,11 @@ def _zero_shot_report(
 
 
 def _unseen_only(
-    args: argparse.Namespace, result: ContrastiveResult, test: data.ImageDataset, unseen: list[int]
+    args: argparse.Namespace,
+    result: ContrastiveResult,
+    test: data.ImageDataset,
+    unseen: list[int],
+    described: Descriptions,
 ) -> float:
     """Top-1 on the images of the unseen classes, choosing among those classes' labels."""
     keep = torch.isin(test.labels, torch.tensor(unseen)).nonzero().flatten()
@@ -173,9 +178,7 @@ def _unseen_only(
     remap[unseen] = torch.arange(len(unseen))
     names = [test.classes[i] for i in unseen]
     subset = data.ImageDataset(test.images[keep], remap[test.labels[keep]], names, test.name)
-    model = zero_shot_model(
-        result.clip, result.tokenizer, names, templates(args), descriptions(args)
-    )
+    model = zero_shot_model(result.clip, result.tokenizer, names, templates(args), described)
     return evaluate(model, subset, batch_size=256).top1
 
 
