@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,8 @@ class EvalReport:
     confusion: list[list[int]]
     num_images: int
     loss: float
-    images_per_second: float
+    images_per_second: float  # of images scored, each once whatever its number of views
+    tta: list[str] = field(default_factory=list, kw_only=True)  # test-time augmentation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -47,6 +48,25 @@ class EvalReport:
 # same speed on a CPU; 28-pixel images still go 256 at a time.
 MAX_BATCH_PIXELS = 64 * 224 * 224
 
+# Test-time augmentations `evaluate` can average over (see `tta_views`).
+TTA = ("flip", "shift")
+
+
+def tta_views(images: torch.Tensor, tta: Sequence[str], shift: int) -> list[torch.Tensor]:
+    """The views of a batch (N, C, H, W) whose predictions test-time augmentation averages:
+    the images; with "shift" each also moved by `shift` pixels up, down, left and right, the
+    uncovered edge zero-filled as training's `crop_padding` does; with "flip" every view
+    also mirrored left to right. 1, 2, 5 or 10 views."""
+    views = [images]
+    if "shift" in tta:
+        h, w = images.shape[-2:]
+        padded = F.pad(images, (shift,) * 4)
+        for dy, dx in ((-shift, 0), (shift, 0), (0, -shift), (0, shift)):
+            views.append(padded[..., shift + dy : shift + dy + h, shift + dx : shift + dx + w])
+    if "flip" in tta:
+        views += [v.flip(-1) for v in views]
+    return views
+
 
 @torch.no_grad()
 def evaluate(
@@ -54,15 +74,21 @@ def evaluate(
     dataset: ImageDataset | ImageStream,
     batch_size: int = 256,
     progress: bool = True,
+    tta: Sequence[str] = (),
+    tta_shift: int = 2,
 ) -> EvalReport:
     """Score `model` on every image of `dataset` (in memory, or streamed from files), on the
     device the model is on.
 
     Images are resized and their channels matched to the model's as needed. A model whose
     labels are the dataset's classes in another order is scored by name, not by index.
-    Batches are `batch_size` images, fewer for large ones (`MAX_BATCH_PIXELS`).
+    Batches are `batch_size` images, fewer for large ones (`MAX_BATCH_PIXELS`). With `tta`,
+    an image's class probabilities are the mean of its views' (`tta_views`), which costs a
+    forward pass per view; the loss is then that of the mean probabilities.
     """
     _check(model, dataset, batch_size)
+    if not set(tta) <= set(TTA) or tta_shift < 1:
+        raise ValueError(f"tta takes {' and '.join(TTA)}, and tta_shift >= 1 pixel")
     batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // model.config.image_size**2))
     n = model.config.num_classes
     order = class_order(model.labels, dataset.classes)
@@ -85,7 +111,7 @@ def evaluate(
             for images, y in dataset_batches(dataset, batch_size):
                 images = images.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
-                logits = model(preprocess(images, model.config).to(dtype)).float()
+                logits = _scores(model, images, dtype, tta, tta_shift)
                 if order is not None:
                     logits = logits[:, order]
                 losses.append(F.cross_entropy(logits, y, reduction="sum"))
@@ -115,7 +141,24 @@ def evaluate(
         num_images=num,
         loss=total_loss / num,
         images_per_second=num / elapsed,
+        tta=sorted(tta),
     )
+
+
+def _scores(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    dtype: torch.dtype,
+    tta: Sequence[str],
+    shift: int,
+) -> torch.Tensor:
+    """Logits, or with `tta` the log of the views' mean probabilities (which rank, and
+    cross-entropy scores, as logits do)."""
+    if not tta:
+        return model(preprocess(images, model.config).to(dtype)).float()
+    views = tta_views(images, tta, shift)
+    probs = sum(model(preprocess(v, model.config).to(dtype)).float().softmax(dim=-1) for v in views)
+    return (probs / len(views)).clamp_min(1e-12).log()
 
 
 def dataset_batches(

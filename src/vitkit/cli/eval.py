@@ -22,7 +22,7 @@ from vitkit.cli.common import (
 )
 from vitkit.data.sources import open_source, source_kind
 from vitkit.data.stream import decode_all, stream_choice
-from vitkit.evaluate import EvalReport, evaluate, save_report
+from vitkit.evaluate import TTA, EvalReport, evaluate, save_report
 from vitkit.infer.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_knn_settings, knn_evaluate
 from vitkit.infer.optimize import optimize
 from vitkit.infer.zero_shot import load_zero_shot
@@ -67,6 +67,17 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "or zero-shot/ folder)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--tta",
+        nargs="+",
+        choices=TTA,
+        default=[],
+        help="test-time augmentation: average each image's probabilities over its mirror "
+        "(flip) and/or its shifts by --tta-shift pixels (shift); 2, 5 or 10 forward passes",
+    )
+    p.add_argument(
+        "--tta-shift", type=int, default=2, metavar="PX", help="pixels a shift moves (default 2)"
+    )
     add_precision_argument(p, "fp32")
     p.add_argument(
         "--knn",
@@ -105,6 +116,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else args.val_fraction
     )
     if args.knn:
+        if args.tta:
+            raise ValueError("--tta averages the head's predictions; not with --knn")
         return _eval_knn(args, model, directory, fraction)
     dataset = _dataset(args, c.image_size, c.in_channels, fraction, c.crop_pct)
     if args.zero_shot:
@@ -116,7 +129,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "--labels, --labels-file, --template and --descriptions go with --zero-shot"
         )
     fast = optimize(model, args.precision, num_images=len(dataset))
-    report = evaluate(fast, dataset, batch_size=args.batch_size)
+    report = evaluate(
+        fast, dataset, batch_size=args.batch_size, tta=args.tta, tta_shift=args.tta_shift
+    )
     _note_unreadable(dataset)
     out_dir = args.out or default_out(directory, "eval")
     if args.zero_shot and args.out is None:
@@ -126,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         how = f"zero-shot, {fast.precision}" if args.zero_shot else fast.precision
+        how += f", test-time augmentation: {' + '.join(report.tta)}" if report.tta else ""
         _print_report(report, f"{dataset.name or args.data} {args.split}, {how}")
         print(f"wrote {out / REPORT_FILE} and {out / CONFUSION_FILE}")
     return 0

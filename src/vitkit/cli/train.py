@@ -25,6 +25,7 @@ TRAIN_SETTINGS = (
     "epochs",
     "batch_size",
     "optimizer",
+    "muon_kernels",
     "lr",
     "max_steps",
     "seed",
@@ -121,6 +122,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         choices=["adamw", "muon"],
         help="muon: Muon for the encoder blocks' weight matrices, AdamW for the rest, one lr "
         "(default: adamw)",
+    )
+    p.add_argument(
+        "--muon-kernels",
+        action="store_true",
+        default=None,
+        help="with --optimizer muon: the hybrid's CNN kernels follow Muon too (all but the first)",
     )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)

@@ -37,6 +37,7 @@ class TrainConfig:
     shard: bool = False  # FSDP2: weights, gradients and optimiser state split across processes
     # "muon": the encoder blocks' weight matrices follow Muon, everything else AdamW.
     optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_kernels: bool = False  # with muon: the hybrid's CNN kernels follow Muon too
     lr: float = 1e-3
     min_lr_factor: float = 0.01
     warmup_epochs: float = 1.0
@@ -97,6 +98,8 @@ class TrainConfig:
         if cfg.optimizer == "muon" and cfg.shard:
             # Newton-Schulz orthogonalises whole matrices; FSDP2 gives each process a slice.
             raise ValueError("optimizer muon needs whole weight matrices: not with shard")
+        if cfg.muon_kernels and cfg.optimizer != "muon":
+            raise ValueError("muon_kernels needs optimizer muon")
         return cfg
 
 

@@ -41,7 +41,7 @@ from vitkit.evaluate import evaluate
 from vitkit.model.vit import ViT
 from vitkit.plots import plot_curves
 from vitkit.rundir import BEST_DIR, METRICS_FILE, SKIPPED_FILE, TRAIN_CONFIG_FILE
-from vitkit.runtime import release_freed_memory, reuse_freed_memory
+from vitkit.runtime import auto_bf16, release_freed_memory, reuse_freed_memory
 from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
@@ -213,7 +213,14 @@ def _start(
         plain=copy.deepcopy(model) if cfg.shard and world.main else model,
         net=distributed.wrap(model, world, cfg.shard),
         optimizers=build_optimizers(
-            model, cfg.lr, cfg.weight_decay, cfg.layer_decay, fused, cfg.optimizer == "muon"
+            model,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.layer_decay,
+            fused,
+            muon=cfg.optimizer == "muon",
+            muon_kernels=cfg.muon_kernels,
+            muon_precision="bf16" if auto_bf16(dev) else "fp32",
         ),
         ema=[p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None,
         autocast=torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)),

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from vitkit.train.muon import Muon
+
 # Parameters that are never decayed: embeddings and tokens are not weights to shrink, and
 # the attention pool's probe (`latent`) is a learnt token like [CLS].
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "latent")
@@ -70,35 +72,46 @@ def build_optimizers(
     layer_decay: float | None = None,
     fused: bool = False,
     muon: bool = False,
+    muon_kernels: bool = False,
+    muon_precision: str = "fp32",
 ) -> list[torch.optim.Optimizer]:
-    """AdamW alone, or with `muon` Muon for the encoder blocks' weight matrices (see
-    `is_muon_weight`) and AdamW for everything else. Each group keeps its `lr_scale`, so
-    that one schedule (and layer decay) drives both."""
+    """AdamW alone, or with `muon` Muon for the encoder blocks' weight matrices (and with
+    `muon_kernels` the CNN stem's convolution kernels too; see `is_muon_weight`) and AdamW for
+    everything else. Each group keeps its `lr_scale`, so that one schedule (and layer decay)
+    drives both. `muon_precision` is that of Muon's orthogonalisation (`vitkit.train.muon`)."""
     if not muon:
         return [build_optimizer(model, lr, weight_decay, layer_decay, fused)]
-    chosen = {id(p) for name, p in model.named_parameters() if is_muon_weight(name, p)}
+    chosen = {
+        id(p) for name, p in model.named_parameters() if is_muon_weight(name, p, muon_kernels)
+    }
     matrices, rest = [], []
     for group in param_groups(model, weight_decay, layer_decay):
         mine = [p for p in group["params"] if id(p) in chosen]
         others = [p for p in group["params"] if id(p) not in chosen]
         matrices += [group | {"params": mine}] if mine else []
         rest += [group | {"params": others}] if others else []
-    # "match_rms_adamw" (Moonshot, "Muon is Scalable for LLM Training") scales each update to
-    # the RMS of AdamW's, so the recipe's AdamW lr and weight decay (in the groups) serve Muon
-    # as they are; torch's default ("original", Keller Jordan's) would need an lr of its own,
-    # 0.02 in its authors' runs. Both decay weights by lr x weight_decay, as AdamW does.
+    # Muon scales each update to the RMS of AdamW's, so the recipe's AdamW lr and weight decay
+    # (in the groups) serve it as they are; both decay weights by lr x weight_decay.
     return [
         torch.optim.AdamW(rest, lr=lr, fused=fused or None),
-        torch.optim.Muon(matrices, lr=lr, adjust_lr_fn="match_rms_adamw"),
+        Muon(matrices, lr=lr, precision=muon_precision),
     ]
 
 
-def is_muon_weight(name: str, p: torch.Tensor) -> bool:
-    """The encoder blocks' weight matrices: attention qkv and proj, MLP fc1 and fc2. The
-    hybrid's convolution kernels stay on AdamW: Muon's authors reshape kernels to 2-D, but
-    torch's Muon takes 2-D tensors only. Embeddings, tokens, norms, biases and the head are
-    not hidden-layer matrices, which is all Muon is meant for."""
-    return p.ndim == 2 and name.startswith("blocks.")
+def is_muon_weight(name: str, p: torch.Tensor, kernels: bool = False) -> bool:
+    """The encoder blocks' weight matrices (attention qkv and proj, MLP fc1 and fc2), and with
+    `kernels` the hybrid stem's convolution kernels (orthogonalised as out x in*kh*kw
+    matrices) except its first, whose input is pixels rather than features. Embeddings,
+    tokens, norms, biases and the head are not hidden-layer weights, which is all Muon is
+    meant for."""
+    if p.ndim == 2:
+        return name.startswith("blocks.")
+    return (
+        kernels
+        and p.ndim == 4
+        and name.startswith("patch_embed.backbone.")
+        and not name.startswith("patch_embed.backbone.stem.")
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int, min_factor: float = 0.0) -> float:
