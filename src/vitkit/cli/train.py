@@ -26,6 +26,8 @@ TRAIN_SETTINGS = (
     "batch_size",
     "optimizer",
     "muon_kernels",
+    "progressive_size",
+    "progressive_until",
     "lr",
     "max_steps",
     "seed",
@@ -128,6 +130,19 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="with --optimizer muon: the hybrid's CNN kernels follow Muon too (all but the first)",
+    )
+    p.add_argument(
+        "--progressive-size",
+        type=int,
+        metavar="PX",
+        help="progressive resizing: train the first epochs at PX pixels a side, growing to the "
+        "model's size by --progressive-until of the epochs",
+    )
+    p.add_argument(
+        "--progressive-until",
+        type=float,
+        metavar="F",
+        help="the fraction of the epochs by which inputs reach full size (default 0.5)",
     )
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)

@@ -51,6 +51,11 @@ class TrainConfig:
     compile: bool = False
     # Larger models and batches fit: 8% of S/16's activations kept, steps 10-25% slower.
     checkpoint_activations: bool = False
+    # Progressive resizing: the first epochs see the images at this many pixels a side, growing
+    # linearly to the model's size by `progressive_until` of the epochs (fewer tokens and a
+    # cheaper CNN early on); None trains at the model's size throughout.
+    progressive_size: int | None = None
+    progressive_until: float = 0.5
     seed: int = 0
     # Minutes between saves of the training state within an epoch (every epoch's end saves
     # too): a killed run loses at most this much work.
@@ -100,6 +105,10 @@ class TrainConfig:
             raise ValueError("optimizer muon needs whole weight matrices: not with shard")
         if cfg.muon_kernels and cfg.optimizer != "muon":
             raise ValueError("muon_kernels needs optimizer muon")
+        if cfg.progressive_size is not None and cfg.progressive_size < 1:
+            raise ValueError(f"progressive_size must be >= 1 pixel, got {cfg.progressive_size}")
+        if not 0 < cfg.progressive_until <= 1:
+            raise ValueError(f"progressive_until must be in (0, 1], got {cfg.progressive_until}")
         return cfg
 
 

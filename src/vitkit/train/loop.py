@@ -390,6 +390,9 @@ def _step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop_signal: Sto
     # In memory, every process augments the whole global batch and keeps its part: the random
     # draws (and mixup's pairs) are then the same for any number of processes.
     x, targets = run.transform(images, labels, gen)
+    size = input_size(cfg, run.model.config.token_stride, x.shape[-1], epoch)
+    if size < x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     run.lr = cfg.lr * lr_factor(run.step, run.total, run.warmup, cfg.min_lr_factor)
     losses, hits = _update(run, x, targets, dropout_seed)
     run.step += 1
@@ -405,6 +408,17 @@ def _step(run: Run, images: torch.Tensor, labels: torch.Tensor, stop_signal: Sto
     if saves and not stop and run.step % run.steps_per_epoch and run.step < run.stop_after:
         _save(run)  # mid-epoch; the epoch's end and a stop save in `_train`
     return stop
+
+
+def input_size(cfg: TrainConfig, stride: int, full: int, epoch: int) -> int:
+    """The side of epoch `epoch`'s inputs under progressive resizing: from
+    `cfg.progressive_size` up to `full` in equal steps over the first `progressive_until` of
+    the epochs, rounded down to whole tokens (`stride` pixels a token), then `full`."""
+    ramp = cfg.progressive_until * cfg.epochs
+    if cfg.progressive_size is None or epoch >= ramp:
+        return full
+    size = cfg.progressive_size + (full - cfg.progressive_size) * epoch / ramp
+    return min(full, max(stride, int(size) // stride * stride))
 
 
 def _update(
@@ -458,6 +472,10 @@ def _end_epoch(run: Run) -> None:
             "data_wait": run.data_wait / (time.perf_counter() - run.epoch_start),
             "elapsed_s": time.perf_counter() - run.start,
         }
+        if run.cfg.progressive_size is not None:  # the size of the epoch's last step
+            epoch = (run.step - 1) // run.steps_per_epoch
+            full = run.model.config.image_size
+            metrics["image_size"] = input_size(run.cfg, run.model.config.token_stride, full, epoch)
         if run.stream is not None and run.stream.skipped:
             _report_skipped(run.run_dir, run.stream.skipped, run.progress)
         with _weights(model, ema):
