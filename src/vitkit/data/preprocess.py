@@ -45,6 +45,11 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from vitkit.config import ViTConfig
 from vitkit.data.dataset import DatasetError
 
+try:
+    from vitkit.data import _jpeg
+except ImportError:  # built without libjpeg's headers: Pillow decodes every JPEG whole
+    _jpeg = None
+
 # The formats read anywhere (files, folders, uploads), as `Image.open(formats=...)` takes them:
 # raster only, never EPS or PS. JPEG covers MPO, which Pillow's JPEG opener returns for
 # multi-picture files (naming MPO here would make Image.open fail on every other format).
@@ -87,6 +92,9 @@ _ORIENTATION = {
 }
 # Orientations that turn the image by 90 degrees: its width is the file's height.
 _TURNS = (5, 6, 7, 8)
+# A JPEG is read whole into memory for the region decoder up to this size; a larger one (a
+# few hundred megapixels) is left to Pillow, which streams it.
+_MAX_JPEG_BYTES = 64 << 20
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, which has no FIFOs to open
 _FILE_KINDS = (
@@ -150,6 +158,7 @@ def load_image(
     max_pixels: int | None = None,
     crop: Crop = centre_square,
     augment: Callable[[Image.Image], Image.Image] | None = None,
+    region_decode: bool = False,
 ) -> torch.Tensor:
     """One image as uint8 (channels, image_size, image_size), decoded by the module's rules.
 
@@ -161,6 +170,11 @@ def load_image(
     a PIL image, `UnreadableImage` for a file. By default a file's limit is Pillow's own (twice
     `Image.MAX_IMAGE_PIXELS`), a PIL image's none. `augment`, if given, changes the decoded
     image at image_size before it becomes a tensor (training's per-image augmentations).
+
+    With `region_decode` a JPEG's crop is decoded alone where it can be (`_jpeg_region`): the
+    same pixels, resized to within a few levels of Pillow's whole-image result (Pillow orders
+    its two resampling passes by the input's size). Training's random crops use it;
+    evaluation and prediction, which must not depend on what was compiled, do not.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -188,8 +202,13 @@ def load_image(
             need = (image_size / max(x1 - x0, 1e-6), image_size / max(y1 - y0, 1e-6))
             need = need[::-1] if turned else need
             fw, fh = img.size
-            img.draft(None, (min(math.ceil(need[0]), fw), min(math.ceil(need[1]), fh)))
-            decoded = _decode(img, channels, image_size, resample, crop)
+            draft = (min(math.ceil(need[0]), fw), min(math.ceil(need[1]), fh))
+            decoded = None
+            if region_decode:
+                decoded = _jpeg_region(f, img, draft, channels, image_size, resample, crop)
+            if decoded is None:
+                img.draft(None, draft)
+                decoded = _decode(img, channels, image_size, resample, crop)
     except UnidentifiedImageError:
         formats = ", ".join(IMAGE_FORMATS)
         raise UnreadableImage(path, f"not an image in a format read here ({formats})") from None
@@ -315,6 +334,61 @@ def _decode(
         (box[3] - y0) / factor,
     )
     return img.resize((image_size, image_size), resample, box=box)
+
+
+def _jpeg_region(
+    f: BinaryIO,
+    img: Image.Image,
+    draft: tuple[int, int],
+    channels: int,
+    image_size: int,
+    resample: Image.Resampling,
+    crop: Crop,
+) -> Image.Image | None:
+    """What `_decode` makes of the JPEG `img` drafted to `draft` (within a few levels, see
+    `load_image`), with only the crop's part of the file decoded (`vitkit.data._jpeg`: libjpeg
+    skips the rows above it, leaves the columns beside it untransformed and stops after it);
+    None where that does not apply: no decoder built, not a plain grey or colour JPEG, turned
+    by its EXIF orientation, reduced further than the draft, or anything libjpeg warns about
+    (Pillow then decodes the file and decides)."""
+    if _jpeg is None or img.format != "JPEG" or img.mode not in ("L", "RGB"):
+        return None
+    if _orientation(img) != 1:
+        return None
+    w, h = img.size
+    # The scale Pillow's `draft` picks: the smallest (1/8 .. 1) that keeps `draft` covered.
+    most = min(w // draft[0], h // draft[1])
+    denom = next(d for d in (8, 4, 2, 1) if d <= max(most, 1))
+    w, h = -(-w // denom), -(-h // denom)
+    if crop is centre_square:
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    else:
+        fx0, fy0, fx1, fy1 = crop(w, h)
+        box = (fx0 * w, fy0 * h, fx1 * w, fy1 * h)
+    side = min(box[2] - box[0], box[3] - box[1])
+    if side // (_REDUCING_GAP * image_size) > 1:
+        return None  # `_decode` block-averages first
+    # What the resampling filter reaches around the box (at most 3 input pixels a side for
+    # Lanczos, times the reduction), and one pixel more: libjpeg fills the outermost columns
+    # of a region without their neighbours' colour, so they must not be used.
+    reach = 3 * max(1.0, (box[2] - box[0]) / image_size, (box[3] - box[1]) / image_size) + 2
+    x0, y0 = max(0, math.floor(box[0] - reach)), max(0, math.floor(box[1] - reach))
+    x1, y1 = min(w, math.ceil(box[2] + reach)), min(h, math.ceil(box[3] + reach))
+    try:
+        f.seek(0)
+        data = f.read(_MAX_JPEG_BYTES + 1)
+        if len(data) > _MAX_JPEG_BYTES:
+            return None
+        pixels, width, height, bands, left = _jpeg.decode_region(
+            data, denom, x0, y0, x1 - x0, y1 - y0
+        )
+    except (OSError, ValueError):
+        return None
+    region = Image.frombuffer("L" if bands == 1 else "RGB", (width, height), pixels)
+    region = region.convert("L" if channels == 1 else "RGB")
+    box = (box[0] - left, box[1] - y0, box[2] - left, box[3] - y0)
+    return region.resize((image_size, image_size), resample, box=box)
 
 
 def _reduced(

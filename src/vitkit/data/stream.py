@@ -199,6 +199,7 @@ class _Decoded(Dataset):
                     self.image_size,
                     crop=crop,
                     augment=augment,
+                    region_decode=self.crop is not None,  # training's random crops
                 )
             except UnreadableImage as e:
                 bad.append((e.path, e.reason))
