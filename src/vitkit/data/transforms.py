@@ -387,7 +387,7 @@ class TrainTransform:
             x = random_hflip(x, gen)
         if aug.randaugment_ops:
             x = rand_augment(x, aug.randaugment_ops, aug.randaugment_magnitude, gen)
-        x = normalize(x, self.mean, self.std)
+        x = normalize(x, self.mean, self.std, inplace=x is not images)  # x: made here
         if aug.random_erasing:
             x = random_erasing(x, aug.random_erasing, gen)
         if aug.mixes and self.num_classes is not None:
