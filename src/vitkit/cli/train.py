@@ -27,6 +27,9 @@ TRAIN_SETTINGS = (
     "optimizer",
     "muon_kernels",
     "progressive_size",
+    "teacher",
+    "distill",
+    "distill_temperature",
     "progressive_until",
     "lr",
     "max_steps",
@@ -131,6 +134,18 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="with --optimizer muon: the hybrid's CNN kernels follow Muon too (all but the first)",
     )
+    p.add_argument(
+        "--teacher",
+        metavar="MODEL_DIR",
+        help="DeiT distillation: this trained model teaches the distillation token's head "
+        "(the model needs distilled = true)",
+    )
+    p.add_argument(
+        "--distill",
+        choices=["hard", "soft"],
+        help="learn the teacher's class (hard, default) or its probabilities (soft)",
+    )
+    p.add_argument("--distill-temperature", type=float, metavar="T", help="soft: default 1")
     p.add_argument(
         "--progressive-size",
         type=int,

@@ -54,6 +54,8 @@ class ViT(nn.Module):
         self.head_drop = nn.Dropout(c.dropout)
         self.head = self._new_head()
         self.head_dist = self._new_head() if c.distilled else None
+        # Training with a teacher: forward gives both heads' logits (see `forward_head`).
+        self.distilling = False
         self.grad_checkpointing = False  # see `set_grad_checkpointing`
         # A model on the meta device has no values to initialise (and initialising them would
         # load torch's reference kernels, seconds the first time).
@@ -180,12 +182,15 @@ class ViT(nn.Module):
         """Tokens (B, T, D) -> pooled features (B, D) if `pre_logits`, else logits.
 
         A distilled model has two heads, on [CLS] and on the distillation token; it returns
-        their mean, in training too (DeiT's inference, and fine-tuning without a teacher).
+        their mean (DeiT's inference, and fine-tuning without a teacher), or both when
+        training with a teacher (`distilling`).
         """
         if self.head_dist is not None:
             cls, dist = (self.head_drop(self.fc_norm(t)) for t in (x[:, 0], x[:, 1]))
             if pre_logits:
                 return (cls + dist) / 2
+            if self.distilling and self.training:
+                return self.head(cls), self.head_dist(dist)
             return (self.head(cls) + self.head_dist(dist)) / 2
         if self.config.pool == "cls":
             x = x[:, 0]

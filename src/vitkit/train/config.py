@@ -51,6 +51,12 @@ class TrainConfig:
     compile: bool = False
     # Larger models and batches fit: 8% of S/16's activations kept, steps 10-25% slower.
     checkpoint_activations: bool = False
+    # DeiT's distillation: a trained model (a model directory or shipped name) teaches the
+    # distillation token's head (the model needs distilled = true): its predicted class
+    # ("hard") or its probabilities at `distill_temperature` ("soft").
+    teacher: str | None = None
+    distill: Literal["hard", "soft"] = "hard"
+    distill_temperature: float = 1.0
     # Progressive resizing: the first epochs see the images at this many pixels a side, growing
     # linearly to the model's size by `progressive_until` of the epochs (fewer tokens and a
     # cheaper CNN early on); None trains at the model's size throughout.
@@ -105,6 +111,12 @@ class TrainConfig:
             raise ValueError("optimizer muon needs whole weight matrices: not with shard")
         if cfg.muon_kernels and cfg.optimizer != "muon":
             raise ValueError("muon_kernels needs optimizer muon")
+        if not cfg.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
+        if cfg.teacher is not None and cfg.linear_probe:
+            raise ValueError(
+                "a teacher trains the distillation head and the encoder: not with a linear probe"
+            )
         if cfg.progressive_size is not None and cfg.progressive_size < 1:
             raise ValueError(f"progressive_size must be >= 1 pixel, got {cfg.progressive_size}")
         if not 0 < cfg.progressive_until <= 1:

@@ -44,6 +44,7 @@ from vitkit.rundir import BEST_DIR, METRICS_FILE, SKIPPED_FILE, TRAIN_CONFIG_FIL
 from vitkit.runtime import auto_bf16, release_freed_memory, reuse_freed_memory
 from vitkit.train.checkpoint import SavedState
 from vitkit.train.config import TrainConfig
+from vitkit.train.distill import distillation_loss, load_teacher, teacher_logits
 from vitkit.train.distributed import World
 from vitkit.train.optim import build_optimizers, lr_factor
 from vitkit.train.setup import Data, model_and_data, read_saved, use_bf16
@@ -94,6 +95,7 @@ class Run:
     net: nn.Module
     optimizers: list[torch.optim.Optimizer]  # AdamW, or AdamW and Muon
     ema: list[torch.Tensor] | None
+    teacher: ViT | None  # distillation's
     autocast: torch.autocast
     parts: list[tuple[int, slice, float]]
     # The data: training images and labels on the device (images None when streamed, read
@@ -203,6 +205,8 @@ def _start(
         if stream.augment:
             done |= {"hflip": False, "randaugment_ops": 0}
         augment = dataclasses.replace(augment, **done)
+    teacher = load_teacher(cfg.teacher, model, dev) if cfg.teacher else None
+    model.distilling = teacher is not None
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -223,6 +227,7 @@ def _start(
             muon_precision="bf16" if auto_bf16(dev) else "fp32",
         ),
         ema=[p.detach().clone() for p in model.parameters()] if cfg.ema_decay > 0 else None,
+        teacher=teacher,
         autocast=torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, dev)),
         parts=parts,
         images=train_ds.images.to(dev) if stream is None else None,
@@ -432,15 +437,31 @@ def _update(
             group["lr"] = run.lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
     hard = targets if targets.ndim == 1 else targets.argmax(-1)
+    taught, first = None, run.parts[0][1].start
+    if run.teacher is not None:  # on this process's part of the batch only
+        with run.autocast:
+            taught = teacher_logits(run.teacher, run.model, x[first : run.parts[-1][1].stop])
     loss_sum, correct = 0.0, 0
     for k, (j, part, weight) in enumerate(run.parts):
         torch.manual_seed(dropout_seed + j)  # dropout, stochastic depth
         with distributed.grad_sync(run.net, sync=k == len(run.parts) - 1):
             with run.autocast:
                 logits = run.net(x[part])
-            loss = F.cross_entropy(
-                logits.float(), targets[part], label_smoothing=cfg.label_smoothing
-            )
+            if taught is not None:  # [CLS] learns the labels, the distillation token the teacher
+                logits, dist = logits
+                loss = 0.5 * F.cross_entropy(
+                    logits.float(), targets[part], label_smoothing=cfg.label_smoothing
+                ) + 0.5 * distillation_loss(
+                    dist,
+                    taught[part.start - first : part.stop - first],
+                    cfg.distill,
+                    cfg.distill_temperature,
+                )
+                logits = (logits + dist) / 2  # what the model answers
+            else:
+                loss = F.cross_entropy(
+                    logits.float(), targets[part], label_smoothing=cfg.label_smoothing
+                )
             (loss * weight).backward()
         loss_sum += loss.item() * len(logits)
         correct += int((logits.argmax(-1) == hard[part]).sum())
