@@ -38,6 +38,7 @@ def _loss_and_grads(model: ViT, seed: int = 1) -> tuple[torch.Tensor, dict[str, 
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow  # `test_keeps_a_fraction_of_the_activations` touches the module quickly
 def test_same_loss_and_gradients_with_dropout_and_stochastic_depth():
     loss, grads = _loss_and_grads(_model(False))
     loss_ckpt, grads_ckpt = _loss_and_grads(_model(True))

@@ -86,6 +86,7 @@ def config(**kw) -> TrainConfig:
     return TrainConfig.from_dict(settings | kw)
 
 
+@pytest.mark.slow  # two training runs; the module's other tests are quick
 def test_a_teacher_trains_the_distillation_head(digits, tmp_path, monkeypatch):
     train(config(), tmp_path / "teacher", progress=False, datasets=digits)
     teacher = load_model(tmp_path / "teacher")

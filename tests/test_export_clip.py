@@ -123,6 +123,7 @@ def test_text_file_gives_the_text_towers_embeddings(clip_dir, exported, batch):
     assert (raw.norm(dim=-1) - 1).abs().max() > 1e-2  # unnormalised indeed
 
 
+@pytest.mark.slow  # shares an ONNX export of both towers (12 s): `make test` runs it
 @pytest.mark.parametrize("batch", [1, 3])
 def test_image_file_gives_the_image_towers_embeddings(clip_dir, exported, batch):
     clip, _ = load_clip(clip_dir[0])
@@ -135,6 +136,7 @@ def test_image_file_gives_the_image_towers_embeddings(clip_dir, exported, batch)
     torch.testing.assert_close(F.normalize(got, dim=-1), unit, atol=PARITY_TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow  # shares an ONNX export of both towers (12 s): `make test` runs it
 def test_padding_after_the_end_of_text_changes_nothing(clip_dir, exported):
     _, tokenizer_file = load_clip(clip_dir[0])
     tokenizer = Tokenizer.from_file(tokenizer_file, context_length=CONTEXT)
@@ -150,6 +152,7 @@ def test_padding_after_the_end_of_text_changes_nothing(clip_dir, exported):
     )
 
 
+@pytest.mark.slow  # shares an ONNX export of both towers (12 s): `make test` runs it
 def test_text_file_carries_its_tokenizer(clip_dir, exported):
     clip, tokenizer_file = load_clip(clip_dir[0])
     meta = read_text_metadata(exported[1])

@@ -68,11 +68,11 @@ def test_region_pixels_equal_the_whole_decode(save):
 def test_training_crops_match_pillows_path(tmp_path):
     crop = RandomResizedCrop((0.08, 1.0), (3 / 4, 4 / 3))
     for i, (size, save) in enumerate(
-        [((500, 375), {}), ((1600, 1200), {}), ((640, 480), {"progressive": True})]
+        [((500, 375), {}), ((1200, 900), {}), ((640, 480), {"progressive": True})]
     ):
         path = tmp_path / f"{i}.jpg"
         path.write_bytes(photo(*size, seed=i, **save))
-        for k in range(8):
+        for k in range(5):
             box = crop.box(random.Random(k))
             fast = load_image(path, 3, 224, crop=box, region_decode=True).int()
             slow = load_image(path, 3, 224, crop=box).int()
