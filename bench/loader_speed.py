@@ -9,7 +9,7 @@ each full-resolution file in its worker processes, flips it and applies RandAugm
 magnitude 9) to the 8-bit image there (`SampleAugment`), then the main process runs
 `TrainTransform` for what is left (to float, ImageNet normalisation), as `vitkit train` feeds
 a streamed run. timm: `timm.data.create_loader` over `ImageDataset` with
-the same crop and filter, flip 0.5, `rand-m9-mstd0.5` and the same normalisation, everything per
+the same crop and filter, flip 0.5, `rand-m9-n2-p1.0` and the same normalisation, everything per
 image in its workers (`use_prefetcher=False`: ToTensor and Normalize in the workers), and also
 with its prefetcher on the CPU (`use_prefetcher=True, device=cpu`: uint8 from the workers,
 normalised batched in the main process). All use the same number of worker processes.
@@ -76,10 +76,10 @@ CLASSES = 10
 MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as timm's defaults
 STD = (0.229, 0.224, 0.225)
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-# The same augmentation on both sides: RandAugment 2 ops at magnitude 9 (timm: each op applied
-# with probability 0.5, magnitude drawn around 9 with std 0.5; vitkit: each op always applied,
-# one of its 13 being the identity, at magnitude 9).
-RANDAUGMENT = "rand-m9-mstd0.5"
+# The same augmentation on both sides: RandAugment as its paper defines it, 2 ops each always
+# applied at magnitude 9 (timm's `p1.0`; its default applies each op with probability 0.5,
+# half the work; vitkit's 13 ops include the identity, timm's 15 do not).
+RANDAUGMENT = "rand-m9-n2-p1.0"
 AUGMENT = AugmentConfig(
     random_resized_crop=False,  # the stream crops from the file
     crop_scale=SCALE,
