@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vitkit.benchmark import declare_torchvision_ops, import_timm
+from vitkit.data import load_dataset
 
 # Parallel test workers share the cores: one torch thread pool each, sized to its share, or
 # the pools oversubscribe the CPU and every test runs many times slower.
@@ -37,6 +38,14 @@ def transformers():
     """Hugging Face transformers (an oracle), with torchvision made importable for it."""
     declare_torchvision_ops()
     return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits, training and test splits, for small training runs (a module
+    that needs fewer images defines its own `digits`)."""
+    pytest.importorskip("sklearn")
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from vitkit import create_model, load_model
 from vitkit.cli import build_parser
 from vitkit.cli.train import _config
-from vitkit.data import load_dataset
 from vitkit.data.preprocess import preprocess
 from vitkit.train import TrainConfig, train
 from vitkit.train.distill import distillation_loss, load_teacher, teacher_logits
@@ -64,12 +63,6 @@ def test_teacher_sees_its_own_input():
     pixels = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     got = teacher_logits(teacher.eval(), student, preprocess(pixels, student.config))
     assert torch.allclose(got, teacher(preprocess(pixels, teacher.config)), atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("sklearn")
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 def config(**kw) -> TrainConfig:

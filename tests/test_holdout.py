@@ -11,19 +11,12 @@ import torch
 from vitkit import load_model
 from vitkit.cli import build_parser
 from vitkit.cli.train import _config
-from vitkit.data import load_dataset
 from vitkit.train import TrainConfig, train
 from vitkit.train.setup import holdout_indices, model_and_data
 
 # A small, fast encoder for 8x8 digits: 16 patches of 2x2.
 TINY = {"image_size": 8, "patch_size": 2, "width": 32, "depth": 2, "heads": 2}
 HOLDOUT = 200
-
-
-@pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("sklearn")
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 def tiny_config(**kw) -> TrainConfig:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from vitkit import create_model, load_model
 from vitkit.cli import build_parser
 from vitkit.cli.train import _config
-from vitkit.data import load_dataset
 from vitkit.train import TrainConfig, train
 from vitkit.train.muon import Muon, orthogonalize
 from vitkit.train.optim import build_optimizers
@@ -20,12 +19,6 @@ from vitkit.train.optim import build_optimizers
 TINY = {"image_size": 8, "patch_size": 2, "width": 32, "depth": 2, "heads": 2}
 # The encoder's matrices, block by block: all that Muon takes.
 MATRICES = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("sklearn")
-    return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
 def tiny_config(**kw) -> TrainConfig:

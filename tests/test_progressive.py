@@ -9,7 +9,6 @@ import pytest
 
 from vitkit.cli import build_parser
 from vitkit.cli.train import _config
-from vitkit.data import load_dataset
 from vitkit.train import TrainConfig, train
 from vitkit.train.loop import input_size
 from vitkit.train.optim import build_optimizers
@@ -35,9 +34,8 @@ def test_bad_settings_are_refused():
     assert _config(args).progressive_size == 16
 
 
-def test_training_sees_the_small_size_first(tmp_path, monkeypatch):
-    pytest.importorskip("sklearn")
-    datasets = load_dataset("digits", "train"), load_dataset("digits", "test")
+def test_training_sees_the_small_size_first(digits, tmp_path, monkeypatch):
+    datasets = digits
     cfg = TrainConfig.from_dict(
         {
             "data": "digits",

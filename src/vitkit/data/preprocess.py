@@ -299,15 +299,7 @@ def _decode(
         # A copy, but oriented images are nearly always JPEGs, already decoded at a reduced scale.
         img = img.transpose(method)
     w, h = img.size
-    # Cropping the box in source coordinates and resizing it in one step is the same as, for
-    # the centre square, "shorter side to image_size, then centre crop", without rounding the
-    # size in between.
-    if crop is centre_square:  # in pixels, exactly as before crops could be chosen
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    else:
-        fx0, fy0, fx1, fy1 = crop(w, h)
-        box = (fx0 * w, fy0 * h, fx1 * w, fy1 * h)
+    box = _box(crop, w, h)
     side = min(box[2] - box[0], box[3] - box[1])
     factor = max(1, int(side // (_REDUCING_GAP * image_size)))
     mode = "L" if channels == 1 else "RGB"
@@ -336,6 +328,17 @@ def _decode(
     return img.resize((image_size, image_size), resample, box=box)
 
 
+def _box(crop: Crop, w: int, h: int) -> tuple[float, float, float, float]:
+    """`crop`'s box in pixels of a w x h image. Cropping the box in source coordinates and
+    resizing it in one step is the same as, for the centre square, "shorter side to
+    image_size, then centre crop", without rounding the size in between."""
+    if crop is centre_square:  # in pixels, exactly as before crops could be chosen
+        side = min(w, h)
+        return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    fx0, fy0, fx1, fy1 = crop(w, h)
+    return (fx0 * w, fy0 * h, fx1 * w, fy1 * h)
+
+
 def _jpeg_region(
     f: BinaryIO,
     img: Image.Image,
@@ -360,12 +363,7 @@ def _jpeg_region(
     most = min(w // draft[0], h // draft[1])
     denom = next(d for d in (8, 4, 2, 1) if d <= max(most, 1))
     w, h = -(-w // denom), -(-h // denom)
-    if crop is centre_square:
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    else:
-        fx0, fy0, fx1, fy1 = crop(w, h)
-        box = (fx0 * w, fy0 * h, fx1 * w, fy1 * h)
+    box = _box(crop, w, h)
     side = min(box[2] - box[0], box[3] - box[1])
     if side // (_REDUCING_GAP * image_size) > 1:
         return None  # `_decode` block-averages first
