@@ -1,5 +1,7 @@
 """`vitkit bench`'s report: the ratios it prints are the ones the issue's targets are read from."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -102,6 +104,8 @@ def test_the_cpu_runtimes_run_the_same_model() -> None:
         want = model(x)
         modes = {(impl, mode): fn(x) for impl, mode, fn, _ in benchmark.runtime_modes(model)}
     assert {"ort"} <= {impl for impl, _ in modes} and ("ort", "int8-dynamic") in modes
+    if importlib.util.find_spec("nncf") is not None:
+        assert ("openvino", "int8-nncf") in modes
     for (impl, mode), got in modes.items():
         if mode == "fp32":
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

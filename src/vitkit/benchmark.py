@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.config import get_preset
+from vitkit.data.preprocess import preprocess
 from vitkit.export import export_onnx, onnx_session, quantize_onnx_int8
 from vitkit.infer.compiled import build_compiled, cache_dir, private_dir
 from vitkit.infer.optimize import optimize
@@ -354,8 +355,8 @@ def inference_modes(
 def runtime_modes(model: ViT) -> Iterator[tuple[str, str, Callable, float]]:
     """The CPU runtimes on the model's ONNX file (any batch): ONNX Runtime in fp32 and with
     `vitkit export --int8`'s dynamic int8, and OpenVINO with its default settings (bf16 on
-    CPUs with AMX or AVX-512-bf16, else fp32: the mode says which), where installed. The
-    export counts in each one's set-up time."""
+    CPUs with AMX or AVX-512-bf16, else fp32: the mode says which) and in int8 quantised by
+    NNCF, where installed. The export (and quantisation) counts in each one's set-up time."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         path = export_onnx(model, Path(tmp) / "model.onnx", dynamic_batch=True)
@@ -374,6 +375,10 @@ def runtime_modes(model: ViT) -> Iterator[tuple[str, str, Callable, float]]:
             start = time.perf_counter()
             fn, mode = _openvino(path)
             yield "openvino", mode, fn, exported + time.perf_counter() - start
+        if importlib.util.find_spec("nncf") is not None:
+            start = time.perf_counter()
+            fn = _openvino_int8(path, preprocess(_calibration(model), model.config))
+            yield "openvino", "int8-nncf", fn, exported + time.perf_counter() - start
 
 
 def _ort(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -396,6 +401,27 @@ def _openvino(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
         return torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
 
     return run, "bf16" if "bf16" in precision else "fp32"
+
+
+def _openvino_int8(path: Path, calibration: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """OpenVINO's int8: the model quantised by NNCF's post-training quantisation (its
+    transformer preset, calibrated on `calibration`, normalised images), as an Intel-CPU user
+    would make it."""
+    import nncf  # an optional peer (vitkit[bench]), with OpenVINO
+    import openvino as ov
+
+    core = ov.Core()
+    data = nncf.Dataset([x[None].numpy() for x in calibration])
+    quantized = nncf.quantize(
+        core.read_model(str(path)),
+        data,
+        subset_size=len(calibration),
+        model_type=nncf.ModelType.TRANSFORMER,
+    )
+    threads = torch.get_num_threads()
+    compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
 
 
 def _compiled(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
