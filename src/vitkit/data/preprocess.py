@@ -367,9 +367,9 @@ def _jpeg_region(
     side = min(box[2] - box[0], box[3] - box[1])
     if side // (_REDUCING_GAP * image_size) > 1:
         return None  # `_decode` block-averages first
-    # What the resampling filter reaches around the box (at most 3 input pixels a side for
-    # Lanczos, times the reduction), and one pixel more: libjpeg fills the outermost columns
-    # of a region without their neighbours' colour, so they must not be used.
+    # What the resampling filter reaches around the box (bicubic: 2 input pixels a side,
+    # times the reduction; 3 are taken), and more: libjpeg fills the outermost columns of a
+    # region without their neighbours' colour, so they must lie outside that reach.
     reach = 3 * max(1.0, (box[2] - box[0]) / image_size, (box[3] - box[1]) / image_size) + 2
     x0, y0 = max(0, math.floor(box[0] - reach)), max(0, math.floor(box[1] - reach))
     x1, y1 = min(w, math.ceil(box[2] + reach)), min(h, math.ceil(box[3] + reach))
