@@ -46,9 +46,9 @@ from vitkit.config import ViTConfig
 from vitkit.data.dataset import DatasetError
 
 try:
-    from vitkit.data import _jpeg
+    from vitkit.data._jpeg import decode_region
 except ImportError:  # built without libjpeg's headers: Pillow decodes every JPEG whole
-    _jpeg = None
+    decode_region = None
 
 # The formats read anywhere (files, folders, uploads), as `Image.open(formats=...)` takes them:
 # raster only, never EPS or PS. JPEG covers MPO, which Pillow's JPEG opener returns for
@@ -354,7 +354,7 @@ def _jpeg_region(
     None where that does not apply: no decoder built, not a plain grey or colour JPEG, turned
     by its EXIF orientation, reduced further than the draft, or anything libjpeg warns about
     (Pillow then decodes the file and decides)."""
-    if _jpeg is None or img.format != "JPEG" or img.mode not in ("L", "RGB"):
+    if decode_region is None or img.format != "JPEG" or img.mode not in ("L", "RGB"):
         return None
     if _orientation(img) != 1:
         return None
@@ -378,9 +378,7 @@ def _jpeg_region(
         data = f.read(_MAX_JPEG_BYTES + 1)
         if len(data) > _MAX_JPEG_BYTES:
             return None
-        pixels, width, height, bands, left = _jpeg.decode_region(
-            data, denom, x0, y0, x1 - x0, y1 - y0
-        )
+        pixels, width, height, bands, left = decode_region(data, denom, x0, y0, x1 - x0, y1 - y0)
     except (OSError, ValueError):
         return None
     region = Image.frombuffer("L" if bands == 1 else "RGB", (width, height), pixels)
