@@ -293,7 +293,13 @@ class ImageStream:
         images a trained model keeps."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         batch = min(n, len(self))
-        return next(_centre(self).batches(0, order[:batch].tolist(), batch))[0]
+        batches = _centre(self).batches(0, order[:batch].tolist(), batch)
+        try:
+            return next(batches)[0]
+        finally:
+            # Closed now, not when collected: its worker processes end here, and are no
+            # longer watched by the DataLoader's SIGCHLD handler.
+            batches.close()
 
 
 def decode_all(
