@@ -1,5 +1,7 @@
 """`vitkit bench`'s report: the ratios it prints are the ones the issue's targets are read from."""
 
+import ctypes
+import gc
 import importlib.util
 
 import pytest
@@ -91,6 +93,17 @@ def test_bench_without_its_peers_names_the_extra(monkeypatch, capsys) -> None:
     assert "pip install 'vitkit[bench]'" in err and len(err.splitlines()) == 1
 
 
+class _StackT(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+def _signal_stack() -> tuple[int, int, int]:
+    """The calling thread's alternate signal stack (sigaltstack): address, flags, size."""
+    s = _StackT()
+    assert ctypes.CDLL(None, use_errno=True).sigaltstack(None, ctypes.byref(s)) == 0
+    return s.sp or 0, s.flags, s.size
+
+
 @pytest.mark.slow
 def test_the_cpu_runtimes_run_the_same_model() -> None:
     """ONNX Runtime and OpenVINO, as `vitkit bench` runs them, give the model's logits (int8:
@@ -102,7 +115,14 @@ def test_the_cpu_runtimes_run_the_same_model() -> None:
     x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = model(x)
-        modes = {(impl, mode): fn(x) for impl, mode, fn, _ in benchmark.runtime_modes(model)}
+        made = list(benchmark.runtime_modes(model))
+        modes = {(impl, mode): fn(x) for impl, mode, fn, _ in made}
+    # The main thread's signal stack, where Python's signal handlers run, outlives the
+    # runtimes: freed, or swapped for a freed one, a SIGCHLD would crash the process.
+    stack = _signal_stack()
+    del made
+    gc.collect()
+    assert _signal_stack() == stack
     assert {"ort"} <= {impl for impl, _ in modes} and ("ort", "int8-dynamic") in modes
     if importlib.util.find_spec("nncf") is not None:
         assert ("openvino", "int8-nncf") in modes

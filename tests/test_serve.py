@@ -197,7 +197,6 @@ def test_a_headless_model_is_refused_at_start_up(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        start_new_session=True,  # whatever the command signals on its way out stays its own
     )
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()

@@ -15,6 +15,7 @@ adds them, and only the functions that build a peer import it.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 import re
@@ -389,10 +390,8 @@ def _ort(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 def _openvino(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """OpenVINO's compiled model for `path` (its own threads: as many as torch's) and the
     precision it chose."""
-    import openvino as ov  # an optional peer (vitkit[bench])
-
     threads = torch.get_num_threads()
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    compiled = _openvino_core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
     precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     request = compiled.create_infer_request()
 
@@ -403,14 +402,25 @@ def _openvino(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     return run, "bf16" if "bf16" in precision else "fp32"
 
 
+@functools.cache
+def _openvino_core() -> Any:
+    """The process's one OpenVINO Core, kept for its life. Each Core's CPU plugin installs
+    a signal stack of its own for the main thread and, when it goes, reinstalls the one it
+    found, even if that one's owner has gone meanwhile: with two Cores freed in the order
+    they were made, Python's next signal handler (SIGCHLD when a child process ends, once
+    torch's DataLoader has set one) runs on freed memory and crashes the process."""
+    import openvino as ov  # an optional peer (vitkit[bench])
+
+    return ov.Core()
+
+
 def _openvino_int8(path: Path, calibration: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """OpenVINO's int8: the model quantised by NNCF's post-training quantisation (its
     transformer preset, calibrated on `calibration`, normalised images), as an Intel-CPU user
     would make it."""
     import nncf  # an optional peer (vitkit[bench]), with OpenVINO
-    import openvino as ov
 
-    core = ov.Core()
+    core = _openvino_core()
     data = nncf.Dataset([x[None].numpy() for x in calibration])
     quantized = nncf.quantize(
         core.read_model(str(path)),
