@@ -49,3 +49,11 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cache_root() -> Path:
+    """Where vitkit keeps what it makes once and reuses (compiled models, fetched shards):
+    $VITKIT_CACHE, else vitkit/ in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    if os.environ.get("VITKIT_CACHE"):
+        return Path(os.environ["VITKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitkit"

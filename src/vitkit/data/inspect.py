@@ -19,6 +19,7 @@ from vitkit.data.folder import PROGRESS_MIN_FILES, find_classes, list_images, pr
 from vitkit.data.hf import open_hf
 from vitkit.data.manifest import ManifestSource
 from vitkit.data.preprocess import UnreadableImage
+from vitkit.data.shard_fetch import fetch_shards, is_remote
 from vitkit.data.shards import (
     _PROGRESS_MIN_BYTES,
     MANIFEST,
@@ -164,7 +165,8 @@ def inspect_source(path: str | Path) -> SourceReport:
         parts = {name: _inspect_shards(ShardSet(p / name), str(p / name)) for name in names}
         return SourceReport(source=text, kind="splits", splits=parts)
     if kind == "shards":
-        return _inspect_shards(ShardSet(path), text)
+        local = fetch_shards(text)[0] if is_remote(path) else path  # fetched once, then read
+        return _inspect_shards(ShardSet(local), text)
     if kind == "folder":
         held_out = [name for name in ("val", "test") if (p / name).is_dir()]
         if (p / "train").is_dir() and held_out:

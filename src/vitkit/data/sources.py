@@ -6,6 +6,7 @@ CSV / JSON-lines manifest, a WebDataset shard set or a Hugging Face dataset.
     open_source("hf-folder/", "val")                  metadata.csv (or train/, validation/ ones)
     open_source("shards/", "train")                   shards.json (or train/ and val/ sets)
     open_source("shards-{000000..000127}.tar", "train")
+    open_source("https://host/set/shards.json", "train")   fetched once (`shard_fetch.py`)
     open_source("saved/", "val")                      Dataset(Dict).save_to_disk, or Parquet
     open_source("hf:owner/name", "train")             a hub dataset (online)
 
@@ -29,6 +30,7 @@ from vitkit.data.folder import find_classes
 from vitkit.data.hf import HUB_PREFIX, SAVED_FILES, open_hf
 from vitkit.data.idx import is_idx_dir
 from vitkit.data.manifest import ManifestSource, metadata_file
+from vitkit.data.shard_fetch import fetch_shards, is_remote
 from vitkit.data.shard_source import open_shards
 from vitkit.data.shards import MANIFEST
 from vitkit.data.stream import FolderSource, Source, split_source
@@ -47,6 +49,8 @@ def source_kind(spec: str | Path) -> Kind | None:
     text, path = str(spec), Path(spec)
     if text.startswith(HUB_PREFIX):
         return "hf"
+    if is_remote(spec):
+        return "shards"
     if path.is_dir():
         if is_idx_dir(path):
             return None
@@ -99,13 +103,16 @@ def open_source(
         return source
     if kind == "manifest":
         return _open_manifest(Path(spec), split, label_column, val_fraction, seed)
+    name = None
+    if is_remote(spec):
+        spec, name = fetch_shards(str(spec))
     path = Path(spec)
     if path.is_dir() and (path / "train" / MANIFEST).is_file():
         held_out = [path / s for s in (split, *HELD_OUT) if (path / s / MANIFEST).is_file()]
         if split == "train" or held_out:
             return open_shards(path / "train" if split == "train" else held_out[0], path.name)
         path = path / "train"  # a train/ set alone is split by fraction, like a folder
-    return split_source(open_shards(path), subset, val_fraction, seed)
+    return split_source(open_shards(path, name), subset, val_fraction, seed)
 
 
 def _open_manifest(

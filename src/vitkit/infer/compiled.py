@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from vitkit import __version__
+from vitkit.files import cache_root
 from vitkit.infer.onnxrt import OnnxRuntimeNet, write_onnx
 from vitkit.infer.optimize import optimize, quantized_graph
 from vitkit.model.vit import ViT
@@ -136,10 +137,8 @@ def cpu_features() -> tuple[str, ...]:
 
 
 def cache_dir() -> Path:
-    """Where vitkit keeps the packages it builds: $VITKIT_CACHE, else the user's cache."""
-    root = os.environ.get("VITKIT_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    base = Path(root) if root else Path.home() / ".cache"
-    return (base if os.environ.get("VITKIT_CACHE") else base / "vitkit") / "compiled"
+    """Where vitkit keeps the packages it builds (see `cache_root`)."""
+    return cache_root() / "compiled"
 
 
 def private_dir(path: Path) -> Path:
