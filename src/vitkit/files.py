@@ -1,5 +1,6 @@
 """Files written atomically: a reader sees the old file or the new one, never half of one,
-and the new one for good once the write returns (a crash of the machine keeps it)."""
+and the new one for good once the write returns (a crash of the machine keeps it); and the
+folder of vitkit's cache."""
 
 from __future__ import annotations
 
