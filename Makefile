@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast coverage lint install data browser clean
+.PHONY: demo test test-fast coverage lint install data browser curl clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,15 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# curl, which fetches shards from http(s) addresses (webdataset's gopen runs it).
+curl:
+	@command -v curl >/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q curl >/dev/null || \
+	    $$SUDO sh -c 'apt-get update -q >/dev/null && apt-get install -y -q curl >/dev/null'; }
+
 # Everything: lint, the layers of ARCHITECTURE.md, and every test (training, browsers, real data).
-test: install data browser
+test: install data browser curl
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest -n 2
