@@ -72,7 +72,8 @@ def fetch_shards(spec: str, cache: Path | None = None) -> tuple[str, str]:
     directory = (cache or cache_root() / "shards") / hashlib.sha256(spec.encode()).hexdigest()[:20]
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory):
-        atomic_write(directory / _SOURCE_FILE, spec + "\n")
+        if not (directory / _SOURCE_FILE).is_file():  # each split opens the set: written once
+            atomic_write(directory / _SOURCE_FILE, spec + "\n")
         path = urlparse(spec).path if not spec.startswith("pipe:") else ""
         if path.endswith(".json") or path.endswith("/"):
             return str(_fetch_manifest_set(spec, directory)), _name(path)
