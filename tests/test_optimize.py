@@ -11,6 +11,7 @@ from tests.fashion import load_fashion_mnist
 from vitkit import runtime
 from vitkit.data.dataset import CALIBRATION_IMAGES, calibration_sample
 from vitkit.data.preprocess import preprocess
+from vitkit.model import encoder
 from vitkit.rundir import CALIBRATION_FILE
 from vitkit.weights import CheckpointError, load_model, save_model
 
@@ -130,7 +131,12 @@ class _Calls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_bf16_attention_takes_the_explicit_path_with_the_same_maths():
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_attention_path_follows_the_cpu_with_the_same_maths(amx, monkeypatch):
+    """bf16 attention on a CPU: plain matmuls + softmax, except for inference on AMX, where
+    the fused kernel runs on the bf16 tiles (its backward is slower, so training keeps the
+    matmuls there too)."""
+    monkeypatch.setattr(encoder, "amx_tiles", lambda: amx)
     torch.manual_seed(0)
     attn = vitkit.create_model("Ti/7@28").blocks[0].attn.eval()
     x = torch.randn(4, 17, 192)
@@ -138,9 +144,13 @@ def test_bf16_attention_takes_the_explicit_path_with_the_same_maths():
         with _Calls() as fused:
             ref, _ = attn(x)
         attn.compute_dtype = torch.bfloat16  # as inside an int8 model
-        with _Calls() as explicit:
+        with _Calls() as inferred:
             mixed, _ = attn(x)
+    with _Calls() as trained:
+        attn(x.requires_grad_())
     assert "scaled_dot_product_attention" in fused.names
-    assert "scaled_dot_product_attention" not in explicit.names and "softmax" in explicit.names
+    assert ("scaled_dot_product_attention" in inferred.names) == amx
+    assert ("softmax" in inferred.names) != amx
+    assert "softmax" in trained.names and "scaled_dot_product_attention" not in trained.names
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, ref, atol=2e-2, rtol=2e-2)
