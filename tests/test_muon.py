@@ -108,6 +108,25 @@ def test_fp32_orthogonalises_like_bf16_and_kernels_as_matrices():
         Muon([torch.zeros(3, requires_grad=True)])
 
 
+def test_matrices_of_one_shape_are_orthogonalised_together_as_one_by_one():
+    gen = torch.Generator().manual_seed(2)
+    stack = torch.randn(3, 24, 40, generator=gen)
+    for precision, tol in (("fp32", 1e-5), ("bf16", 2e-2)):
+        together = orthogonalize(stack, precision)
+        alone = torch.stack([orthogonalize(m, precision) for m in stack])
+        torch.testing.assert_close(together, alone, atol=tol, rtol=0)
+    # The optimiser batches same-shaped parameters and steps each as it would alone.
+    params = [m.clone().requires_grad_() for m in stack]
+    singles = [m.clone().requires_grad_() for m in stack]
+    for p, q, g in zip(params, singles, torch.randn(3, 24, 40, generator=gen), strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    Muon(params, lr=0.01).step()
+    for q in singles:
+        Muon([q], lr=0.01).step()
+    for p, q in zip(params, singles, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0)
+
+
 def test_muon_refuses_what_it_cannot_train():
     with pytest.raises(ValueError, match="linear probe trains the head only"):
         tiny_config(linear_probe=True)

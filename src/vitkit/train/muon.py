@@ -7,12 +7,17 @@ decay, the lr scaled per shape), with two differences that matter on a CPU:
   measured on a 2-core AVX2 EPYC, its step for the 1.5 M-parameter hybrid took 371 ms, as
   long as the model's forward and backward pass at batch 128 (BENCHMARKS.md);
 - kernels of any rank are orthogonalised as (out, in x kh x kw) matrices, as Muon's authors do
-  for convolutions, so the hybrid's CNN stem can follow Muon too.
+  for convolutions, so the hybrid's CNN stem can follow Muon too;
+- matrices of one shape (the encoder blocks' qkv, proj, fc1, fc2; the CNN's repeated
+  blocks) are orthogonalised together, as one batch of matrix products: a small model's
+  dozens of tiny products a step cost more in calls than in arithmetic (measured on a 2-core
+  AMX Xeon, the 1.5 M-parameter hybrid's step: 34 ms one by one, BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -26,17 +31,20 @@ NS_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def orthogonalize(update: Tensor, precision: str, steps: int = NS_STEPS, eps: float = 1e-7):
     """An approximately orthogonal matrix with `update`'s singular vectors (singular values
-    near 1, not exactly: the quintic trades that for speed), in `update`'s dtype."""
+    near 1, not exactly: the quintic trades that for speed), in `update`'s dtype. `update` is
+    one matrix or a stack of them (n, rows, cols), each orthogonalised on its own."""
     a, b, c = NS_COEFFICIENTS
     x = update.to(NS_PRECISIONS[precision])
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # the Gram matrix of the shorter side is the cheaper one
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    # spectral norm <= Frobenius norm <= 1
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mul_add = torch.baddbmm if x.ndim == 3 else torch.addmm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).to(update.dtype)
+        gram = x @ x.mT
+        x = mul_add(x, mul_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).to(update.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -77,8 +85,9 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        by_shape: dict[tuple, list[tuple[Tensor, Tensor, dict]]] = defaultdict(list)
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
+            momentum = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -89,7 +98,14 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 matrix = update.reshape(update.size(0), -1)
-                update = orthogonalize(matrix, group["precision"]).view_as(p)
+                by_shape[matrix.shape, matrix.dtype, group["precision"]].append((p, matrix, group))
+        for (shape, _, precision), items in by_shape.items():
+            if len(items) == 1:
+                updates = [orthogonalize(items[0][1], precision)]
+            else:
+                updates = orthogonalize(torch.stack([m for _, m, _ in items]), precision).unbind()
+            for (p, _, group), update in zip(items, updates, strict=True):
+                lr = group["lr"]
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(matrix.shape)))
+                p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(shape)))
         return loss
