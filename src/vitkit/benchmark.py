@@ -399,7 +399,8 @@ def _openvino(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
         # The request reuses its output buffer: copied out, as a result must outlive a call.
         return torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
 
-    return run, "bf16" if "bf16" in precision else "fp32"
+    # The hint reads e.g. "<Type: 'bfloat16'>".
+    return run, "bf16" if "bf16" in precision or "bfloat16" in precision else "fp32"
 
 
 @functools.cache
