@@ -187,7 +187,7 @@ class BF16Between(nn.Module):
     """An int8 graph whose work between the int8 matmuls runs in bf16 (oneDNN's
     "int8-mixed-bf16"): the quantised linears write bf16, and LayerNorm, softmax, GELU and
     the unquantised patch embedding and head read half the bytes. Measured on a 2-core AMX
-    Xeon, S/16 batch 32: 164 against 124 images/s with fp32 between them (BENCHMARKS.md)."""
+    Xeon, S/16 batch 32: 161 against 122 images/s with fp32 between them (BENCHMARKS.md)."""
 
     def __init__(self, graph: nn.Module) -> None:
         super().__init__()
